@@ -1,0 +1,36 @@
+# One-machine entry points. `make run` and `make test` are all a new user needs.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.installed
+export OMP_NUM_THREADS ?= $(shell nproc)
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow run smol eval-smol bench-verify clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+test-slow: setup
+	$(BIN)/pytest -q -m slow
+
+smol: setup
+	$(BIN)/draft-opd smol
+
+run: smol
+	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=4 \
+		draft.kind=dflash draft.init=random eval.out=runs/eval-smol.json
+
+bench-verify: smol
+	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

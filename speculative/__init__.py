@@ -1,0 +1,1 @@
+"""The shared core of speculative decoding: targets, drafters, lossless verification, the decode loop."""

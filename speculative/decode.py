@@ -1,0 +1,160 @@
+"""The speculative decode loop: prefill, draft, verify, commit, crop. Batch 1, as the field measures.
+
+Block size 1 (no drafter) is plain autoregressive decoding through the same loop, so the
+speedup baseline pays exactly the same per-step overheads. Each verify step yields a
+`StepRecord` (anchor, proposals, accept length, the target's log-probs of drafted and of
+committed tokens): what rollout actors stream to the replay buffer, at no extra target cost.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from speculative.drafter import Drafter
+from speculative.target import Target, crop_cache
+from speculative.verify import sampling_probs, verify_greedy, verify_sampling
+
+
+@dataclass
+class DecodeConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    block_size: int | None = None  # None: the drafter's own; 1: plain decoding
+    topk_logprobs: int = 0  # also record the target's top-k at draft positions
+    seed: int = 0
+
+
+@dataclass
+class StepRecord:
+    anchor: int  # position of the last committed token, where the block began
+    draft_tokens: list[int]  # proposals for positions anchor+1 ...
+    accept_len: int  # proposals accepted; committed = accepted + 1 bonus token
+    draft_logprobs: list[float]  # the target's log-prob of each proposal
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+    @property
+    def tau(self) -> int:
+        return self.accept_len + 1
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # prompt + response
+    prompt_len: int
+    committed_logprobs: list[float]  # the target's log-prob of each response token
+    steps: list[StepRecord] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    stopped: bool = False  # ended on a stop token (not on the length limit)
+
+    @property
+    def response(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def time_per_output_token(self) -> float:
+        """Decode time per output token, prefill excluded (dflash's benchmark protocol)."""
+        return self.decode_s / max(self.num_new_tokens, 1)
+
+
+class TokenPicker:
+    """Greedy at T = 0, else a seeded sample from softmax(logits / T)."""
+
+    def __init__(self, temperature: float, generator: torch.Generator):
+        self.temperature, self.generator = temperature, generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = sampling_probs(logits, self.temperature)
+        return torch.multinomial(probs, 1, generator=self.generator).view(-1)
+
+
+def check_context(target: Target, prompt_len: int, max_new_tokens: int, block_size: int) -> None:
+    limit = int(getattr(target.config, "max_position_embeddings", 0) or 0)
+    need = prompt_len + max_new_tokens + block_size
+    if limit and need > limit:
+        raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ block {block_size}) "
+                         f"exceeds the target's context of {limit} positions; shorten the prompt or lower "
+                         "max_new_tokens")
+
+
+def _step_record(anchor: int, draft: torch.Tensor, accepted: int, logp: torch.Tensor, topk: int) -> StepRecord:
+    n = draft.shape[0]
+    rows = torch.arange(n)
+    record = StepRecord(anchor=anchor, draft_tokens=draft.tolist(), accept_len=accepted,
+                        draft_logprobs=logp[rows, draft].tolist())
+    if topk > 0 and n > 0:
+        values, ids = logp[:n].topk(topk, dim=-1)
+        record.topk_ids, record.topk_logprobs = ids.tolist(), values.tolist()
+    return record
+
+
+@torch.inference_mode()
+def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None = None,
+             cfg: DecodeConfig | None = None) -> DecodeResult:
+    """Decode one prompt; token-identical to plain greedy decoding at T = 0, distribution-exact at T > 0."""
+    cfg = cfg or DecodeConfig()
+    block = 1 if drafter is None else (cfg.block_size or drafter.cfg.block_size)
+    prompt_ids = torch.as_tensor(prompt, dtype=torch.long, device=target.device).view(-1)
+    if prompt_ids.numel() == 0:
+        raise ValueError("empty prompt: at least one token is needed to start decoding")
+    check_context(target, prompt_ids.numel(), cfg.max_new_tokens, block)
+    generator = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    pick = TokenPicker(cfg.temperature, generator)
+    stop_ids = torch.tensor(target.stop_token_ids(), dtype=torch.long, device=target.device)
+    use_draft = block > 1
+
+    t0 = time.perf_counter()
+    cache = target.new_cache()
+    out = target.forward(prompt_ids, 0, cache, with_features=use_draft)
+    first = pick(out.logits[-1:])
+    result = DecodeResult(tokens=prompt_ids.tolist() + first.tolist(), prompt_len=prompt_ids.numel(),
+                          committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist())
+    state = drafter.begin(out.features, prompt_ids) if use_draft else None
+    result.stopped = bool(torch.isin(first, stop_ids).any())
+    t1 = time.perf_counter()
+    result.prefill_s = t1 - t0
+
+    anchor_pos, anchor = prompt_ids.numel(), first
+    while not result.stopped and result.num_new_tokens < cfg.max_new_tokens:
+        n = min(block - 1, cfg.max_new_tokens - result.num_new_tokens - 1)
+        if n > 0:
+            draft, draft_logits = drafter.propose(state, anchor, anchor_pos, n, pick)
+        else:
+            draft, draft_logits = anchor.new_empty(0), None
+        verify_ids = torch.cat([anchor.view(1), draft])
+        out = target.forward(verify_ids, anchor_pos, cache, with_features=use_draft)
+        if cfg.temperature <= 0:
+            accepted, bonus = verify_greedy(draft, out.logits)
+        elif n > 0:
+            accepted, bonus = verify_sampling(draft, sampling_probs(draft_logits, cfg.temperature),
+                                              sampling_probs(out.logits, cfg.temperature), generator)
+        else:
+            accepted, bonus = 0, pick(out.logits[:1])[0]
+        committed = torch.cat([draft[:accepted], bonus.view(1)])
+        stops = torch.isin(committed, stop_ids).nonzero()
+        if stops.numel():
+            committed = committed[: int(stops[0]) + 1]
+            accepted, draft = min(accepted, int(stops[0])), draft[: min(accepted, int(stops[0]))]
+            result.stopped = True
+        logp = torch.log_softmax(out.logits, dim=-1)
+        result.committed_logprobs += logp[torch.arange(committed.numel()), committed].tolist()
+        result.tokens += committed.tolist()
+        if use_draft:
+            result.steps.append(_step_record(anchor_pos, draft, accepted, logp, cfg.topk_logprobs))
+            drafter.extend(state, out.features[: accepted + 1], verify_ids[: accepted + 1], anchor_pos)
+        else:
+            result.steps.append(StepRecord(anchor=anchor_pos, draft_tokens=[], accept_len=0, draft_logprobs=[]))
+        crop_cache(cache, anchor_pos + accepted + 1)
+        anchor_pos, anchor = anchor_pos + accepted + 1, committed[-1]
+    result.decode_s = time.perf_counter() - t1
+    return result

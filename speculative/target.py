@@ -1,0 +1,204 @@
+"""The frozen target model: one forward gives verification logits and drafter features.
+
+Any Hugging Face causal LM works (Qwen3, Llama, ...). The wrapper runs the base decoder with
+the caller's KV cache and returns the hidden states of the layers that drafters condition on,
+so that a verify pass serves both the acceptance test and the drafter's next context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+
+class TargetNotFoundError(FileNotFoundError):
+    """The target could not be found locally nor fetched from the hub."""
+
+
+@dataclass
+class TargetConfig:
+    """Where the target comes from. `testbed` (tiny, smol) wins over `path`."""
+
+    testbed: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    thinking: bool = True
+    feature_layers: list[int] = field(default_factory=list)
+
+
+class FrozenLinear(nn.Module):
+    """A frozen linear layer computed as `x @ W^T` with W^T stored contiguously.
+
+    With few rows (a verify block) on CPU, MKL's GEMM on a pre-transposed weight is several
+    times faster than `F.linear`, which is the whole verify budget on a small target.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def freeze_linears(module: nn.Module) -> nn.Module:
+    """Replace every nn.Linear below `module` by a FrozenLinear (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, FrozenLinear(child))
+        else:
+            freeze_linears(child)
+    return module
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # [T, V] float32
+    features: torch.Tensor  # [T, len(feature_layers) * H]
+
+
+class Target:
+    """A frozen causal LM with a KV cache interface for verification.
+
+    `feature_layers` are 0-based decoder layer indices; the feature of a layer is its output
+    hidden state (the convention of DFlash and EAGLE-3: `hidden_states[layer + 1]`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
+                 feature_layers: list[int] | None = None, thinking: bool = True):
+        model.eval().requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.thinking = thinking
+        self.decoder = model.get_decoder()
+        self.embed_tokens: nn.Embedding = model.get_input_embeddings()
+        self.lm_head = FrozenLinear(model.get_output_embeddings())
+        freeze_linears(self.decoder)
+        self.num_layers = int(self.config.num_hidden_layers)
+        self.hidden_size = int(self.config.hidden_size)
+        self.vocab_size = int(self.lm_head.out_features)
+        self.feature_layers: list[int] = []
+        self.set_feature_layers(feature_layers or [])
+
+    def set_feature_layers(self, layers: list[int]) -> None:
+        bad = [i for i in layers if not 0 <= i < self.num_layers - 1]
+        if bad:
+            raise ValueError(f"feature layers {bad} out of range for a {self.num_layers}-layer target "
+                             f"(use 0..{self.num_layers - 2}; the last layer's output is normalised)")
+        self.feature_layers = list(layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start: int, cache: DynamicCache | None,
+                with_features: bool = True) -> TargetOutput:
+        """Run `input_ids` ([T] or [1, T]) at positions start..start+T-1 on top of `cache`."""
+        ids = input_ids.view(1, -1)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        want_hidden = with_features and bool(self.feature_layers)
+        out = self.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None,
+                           output_hidden_states=want_hidden)
+        logits = self.lm_head(out.last_hidden_state[0]).float()
+        if want_hidden:
+            features = torch.cat([out.hidden_states[i + 1][0] for i in self.feature_layers], dim=-1)
+        else:
+            features = logits.new_empty(ids.shape[1], 0)
+        return TargetOutput(logits=logits, features=features)
+
+    def stop_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        eos = getattr(self.config, "eos_token_id", None)
+        gen = getattr(self.model, "generation_config", None)
+        for value in (eos, getattr(gen, "eos_token_id", None),
+                      getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return sorted(ids)
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of `cache` (transformers 5 crops by a negative count)."""
+    remove = cache.get_seq_length() - length
+    if remove > 0:
+        cache.crop(-remove)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def _missing_target(source: str, cause: Exception) -> TargetNotFoundError:
+    return TargetNotFoundError(
+        f"cannot load target {source!r}: {cause.__class__.__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        "Fix: set target.path to a local model directory (config.json + weights), a .gguf file, or a hub id "
+        "that is cached or reachable (HF_HUB_OFFLINE=1 uses the local cache only); for the built-in testbeds "
+        "set target.testbed=tiny or target.testbed=smol (prepare smol once with `make smol`).")
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else the user meant as a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
+
+
+def load_pretrained(path: str, gguf_file: str | None = None, dtype: str = "float32"
+                    ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a directory, a hub id, or a GGUF file."""
+    source = str(Path(path).expanduser()) if _looks_like_path(str(path)) else str(path)
+    if gguf_file is None and source.endswith(".gguf"):
+        source, gguf_file = str(Path(source).parent), Path(source).name
+    missing = Path(source) / gguf_file if gguf_file else Path(source)
+    if _looks_like_path(str(path)) and not missing.exists():
+        raise _missing_target(str(path), FileNotFoundError(f"no such file or directory: {missing}"))
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as err:
+        raise _missing_target(str(path), err) from err
+    return model, tokenizer
+
+
+def load_target(cfg: TargetConfig, feature_layers: list[int] | None = None) -> Target:
+    """Build the frozen target of a config: a testbed by name, or a pretrained model."""
+    from speculative.testbeds import load_testbed
+
+    layers = list(feature_layers if feature_layers is not None else cfg.feature_layers)
+    if cfg.testbed:
+        model, tokenizer = load_testbed(cfg.testbed, dtype=cfg.dtype)
+    elif cfg.path:
+        model, tokenizer = load_pretrained(cfg.path, cfg.gguf_file, cfg.dtype)
+    else:
+        raise ValueError("no target configured: set target.testbed (tiny, smol) or target.path")
+    return Target(model, tokenizer, layers, thinking=cfg.thinking)
