@@ -25,6 +25,7 @@ class DecodeConfig:
     block_size: int | None = None  # None: the drafter's own; 1: plain decoding
     topk_logprobs: int = 0  # also record the target's top-k at draft positions
     seed: int = 0
+    stop_token_ids: list[int] | None = None  # None: the target's EOS tokens
 
 
 @dataclass
@@ -110,7 +111,8 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
     check_context(target, prompt_ids.numel(), cfg.max_new_tokens, block)
     generator = torch.Generator(device=target.device).manual_seed(cfg.seed)
     pick = TokenPicker(cfg.temperature, generator)
-    stop_ids = torch.tensor(target.stop_token_ids(), dtype=torch.long, device=target.device)
+    stops = target.stop_token_ids() if cfg.stop_token_ids is None else cfg.stop_token_ids
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=target.device)
     use_draft = block > 1
 
     t0 = time.perf_counter()

@@ -1,0 +1,122 @@
+"""Lossless speculative decoding on the tiny target: output equals plain greedy decoding, records are exact."""
+
+import pytest
+import torch
+
+from speculative.decode import DecodeConfig, generate
+from tests.conftest import make_drafter
+
+
+class PartlyRightDrafter:
+    """Wraps a real drafter: runs its propose (so its cache and feature bookkeeping are exercised), then
+    overwrites a random-length prefix of the proposals with the true greedy continuation. Random drafters
+    alone would never be accepted; this makes every accept length from 0 to n occur."""
+
+    def __init__(self, drafter, reference: list[int], seed: int = 0):
+        self.inner, self.reference, self.cfg = drafter, reference, drafter.cfg
+        self.rng = torch.Generator().manual_seed(seed)
+        self.proposals: list[tuple[int, torch.Tensor]] = []
+
+    def begin(self, features, tokens):
+        return self.inner.begin(features, tokens)
+
+    def extend(self, state, features, tokens, start):
+        self.inner.extend(state, features, tokens, start)
+
+    def propose(self, state, anchor, position, n, pick):
+        draft, logits = self.inner.propose(state, anchor, position, n, pick)
+        self.proposals.append((position, logits))
+        right = int(torch.randint(0, n + 1, (1,), generator=self.rng))
+        truth = torch.tensor(self.reference[position + 1: position + 1 + n], dtype=draft.dtype)
+        draft = draft.clone()
+        draft[: min(right, truth.numel())] = truth[:right]
+        return draft, logits
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 250, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("prompt_len", [1, 9, 57])
+def test_greedy_speculative_output_equals_plain_greedy(tiny_target, kind, block_size, prompt_len):
+    prompt = prompt_of(prompt_len, seed=prompt_len)
+    cfg = DecodeConfig(max_new_tokens=48)
+    plain = generate(tiny_target, prompt, None, cfg)
+    drafter = make_drafter(tiny_target, kind, block_size)
+    random_spec = generate(tiny_target, prompt, drafter, cfg)
+    assert random_spec.tokens == plain.tokens
+
+    helped = PartlyRightDrafter(drafter, plain.tokens, seed=prompt_len)
+    spec = generate(tiny_target, prompt, helped, cfg)
+    assert spec.tokens == plain.tokens
+    assert spec.num_new_tokens == 48
+    if block_size > 1:
+        accepts = [s.accept_len for s in spec.steps]
+        assert max(accepts) >= 2 and len(set(accepts)) >= 2, accepts
+        assert len(spec.steps) < len(plain.steps)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_incremental_drafting_matches_drafting_from_scratch(tiny_target, kind):
+    """The drafter's cached, lazily fed state gives the same proposals as a fresh state built from the
+    full committed prefix: the bookkeeping of anchors, features and cache crops is exact."""
+    prompt = prompt_of(11, seed=3)
+    plain = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
+    drafter = make_drafter(tiny_target, kind, 6)
+    helped = PartlyRightDrafter(drafter, plain.tokens, seed=1)
+    generate(tiny_target, prompt, helped, DecodeConfig(max_new_tokens=40))
+    for position, logits in helped.proposals[1::3]:
+        prefix = torch.tensor(plain.tokens[:position])
+        features = tiny_target.forward(prefix, 0, None).features
+        state = drafter.begin(features, prefix)
+        anchor = torch.tensor(plain.tokens[position])
+        _, fresh = drafter.propose(state, anchor, position, logits.shape[0], lambda x: x.argmax(-1))
+        if kind == "eagle3":  # chain drafting feeds its own argmax back: compare the first step only
+            fresh, logits = fresh[:1], logits[:1]
+        torch.testing.assert_close(fresh, logits, atol=2e-4, rtol=2e-4)
+
+
+def test_step_records_match_a_full_target_pass(tiny_target):
+    prompt = prompt_of(13, seed=5)
+    plain = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
+    helped = PartlyRightDrafter(make_drafter(tiny_target, "dflash", 8), plain.tokens, seed=2)
+    spec = generate(tiny_target, prompt, helped, DecodeConfig(max_new_tokens=40, topk_logprobs=3))
+    logp = torch.log_softmax(tiny_target.forward(torch.tensor(spec.tokens), 0, None).logits, -1)
+    response_positions = torch.arange(spec.prompt_len, len(spec.tokens))
+    expected = logp[response_positions - 1, torch.tensor(spec.response)]
+    torch.testing.assert_close(torch.tensor(spec.committed_logprobs), expected, atol=1e-4, rtol=1e-4)
+    for step in spec.steps:
+        a, n = step.anchor, len(step.draft_tokens)
+        assert step.draft_tokens[: step.accept_len] == spec.tokens[a + 1: a + 1 + step.accept_len]
+        if step.accept_len < n and a + 1 + step.accept_len < len(spec.tokens):
+            assert step.draft_tokens[step.accept_len] != spec.tokens[a + 1 + step.accept_len]
+        # proposal j is scored given the anchor and proposals before it, as the verify pass saw them
+        block = torch.tensor(spec.tokens[: a + 1] + step.draft_tokens)
+        block_logp = torch.log_softmax(tiny_target.forward(block, 0, None).logits, -1)
+        rows = torch.arange(a, a + n)
+        torch.testing.assert_close(torch.tensor(step.draft_logprobs),
+                                   block_logp[rows, torch.tensor(step.draft_tokens)], atol=1e-4, rtol=1e-4)
+        assert step.topk_ids[0] == logp[a].topk(3).indices.tolist()
+    assert sum(s.accept_len + 1 for s in spec.steps) == spec.num_new_tokens - 1
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_stop_token_ends_both_decodes_at_the_same_place(tiny_target, kind):
+    prompt = prompt_of(9, seed=7)
+    free = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
+    stop = free.response[17]
+    cut = free.response.index(stop)
+    cfg = DecodeConfig(max_new_tokens=40, stop_token_ids=[stop])
+    plain = generate(tiny_target, prompt, None, cfg)
+    helped = PartlyRightDrafter(make_drafter(tiny_target, kind, 16), free.tokens, seed=4)
+    spec = generate(tiny_target, prompt, helped, cfg)
+    assert plain.response == free.response[: cut + 1]
+    assert spec.tokens == plain.tokens and spec.stopped and plain.stopped
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_target):
+    limit = tiny_target.config.max_position_embeddings
+    with pytest.raises(ValueError, match="exceeds the target's context"):
+        generate(tiny_target, [1] * limit, None, DecodeConfig(max_new_tokens=8))
