@@ -59,8 +59,8 @@ class DFlashLayer(nn.Module):
 
 
 class DFlashDrafter(Drafter):
-    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight_t: torch.Tensor):
-        super().__init__(cfg, embed_weight, head_weight_t)
+    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head: nn.Module):
+        super().__init__(cfg, embed_weight, head)
         h = cfg.hidden_size
         self.fc = nn.Linear(len(cfg.target_layer_ids) * h, h, bias=False)
         self.hidden_norm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)

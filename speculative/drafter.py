@@ -102,16 +102,16 @@ class DraftState:
 class Drafter(nn.Module):
     """Base class. Shared target weights are held outside the module tree: never saved or trained."""
 
-    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight_t: torch.Tensor):
+    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head: nn.Module):
         super().__init__()
         self.cfg = cfg
-        self._shared = (embed_weight, head_weight_t)
+        self._shared = (embed_weight, head)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(tokens, self._shared[0])
 
     def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self._shared[1]
+        return self._shared[1](hidden)
 
     def begin(self, features: torch.Tensor, tokens: torch.Tensor) -> DraftState:
         state = DraftState(cache=KVCache(self.cfg.num_layers))
@@ -152,7 +152,7 @@ def build_drafter(cfg: DrafterConfig, target, seed: int = 0) -> Drafter:
     if cfg.kind == "dflash" and cfg.mask_token_id is None:
         raise ValueError("a dflash drafter needs draft.mask_token_id (a token id the target never emits)")
     torch.manual_seed(seed)
-    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head.weight_t)
+    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
     return drafter.to(target.dtype).eval()
 
 
@@ -168,6 +168,30 @@ def load_drafter(path: str | Path, target) -> Drafter:
     if cfg.vocab_size != int(target.vocab_size) or cfg.hidden_size != int(target.hidden_size):
         raise ValueError(f"drafter at {root} was built for a target with hidden {cfg.hidden_size} and vocab "
                          f"{cfg.vocab_size}; this target has hidden {target.hidden_size} and vocab {target.vocab_size}")
-    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head.weight_t)
+    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
     drafter.load_state_dict(load_file(str(root / "model.safetensors")))
     return drafter.to(target.dtype).eval()
+
+
+@dataclass
+class DraftSpec(DrafterConfig):
+    """A drafter as a run configures it: a saved one (`path`), a fresh one (`init=random`), or none."""
+
+    path: str | None = None
+    init: str | None = None  # "random": an untrained drafter of `kind`, for smoke runs
+    seed: int = 0
+
+
+def make_drafter(spec: DraftSpec, target) -> Drafter | None:
+    """The drafter a spec asks for, attached to `target` (whose feature layers it sets), or None."""
+    if spec.path:
+        drafter = load_drafter(spec.path, target)
+    elif spec.init == "random":
+        arch = {f.name: getattr(spec, f.name) for f in fields(DrafterConfig)}
+        drafter = build_drafter(DrafterConfig(**arch), target, seed=spec.seed)
+    elif spec.init is None:
+        return None
+    else:
+        raise ValueError(f"unknown draft.init {spec.init!r}; use draft.init=random or draft.path=DIR")
+    target.set_feature_layers(drafter.cfg.target_layer_ids)
+    return drafter

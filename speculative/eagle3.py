@@ -54,10 +54,10 @@ def causal_mask(query_len: int, cached: int, device: torch.device) -> torch.Tens
 
 
 class Eagle3Drafter(Drafter):
-    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head_weight_t: torch.Tensor):
+    def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head: nn.Module):
         if cfg.num_layers != 1:
             raise ValueError(f"an eagle3 drafter has one decoder layer (got num_layers={cfg.num_layers})")
-        super().__init__(cfg, embed_weight, head_weight_t)
+        super().__init__(cfg, embed_weight, head)
         h = cfg.hidden_size
         vocab = cfg.draft_vocab_size or cfg.vocab_size
         self.fc = nn.Linear(len(cfg.target_layer_ids) * h, h, bias=False)
@@ -66,7 +66,7 @@ class Eagle3Drafter(Drafter):
         self.lm_head = nn.Linear(h, vocab, bias=False)
         self.register_buffer("d2t", torch.arange(vocab))  # draft id -> target id
         with torch.no_grad():
-            self.lm_head.weight.copy_(head_weight_t.t()[:vocab])
+            self.lm_head.weight.copy_(head.weight[:vocab])
 
     def step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
              cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ so that a verify pass serves both the acceptance test and the drafter's next con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,29 +27,31 @@ class TargetConfig:
     path: str | None = None
     gguf_file: str | None = None
     dtype: str = "float32"
-    thinking: bool = True
-    feature_layers: list[int] = field(default_factory=list)
+    thinking: bool = True  # chat templates with a thinking switch (Qwen3) render thinking mode
 
 
 class FrozenLinear(nn.Module):
-    """A frozen linear layer computed as `x @ W^T` with W^T stored contiguously.
+    """A frozen linear layer that keeps W and a contiguous W^T and picks the faster GEMM per call.
 
-    With few rows (a verify block) on CPU, MKL's GEMM on a pre-transposed weight is several
-    times faster than `F.linear`, which is the whole verify budget on a small target.
+    On CPU in fp32, a decode step (one row) runs several times faster as `x @ W^T` on a
+    pre-transposed weight than through `F.linear`, while a verify block (16 rows) is faster
+    through `F.linear` (bench-verify measures both). Frozen weights make the second copy free
+    of bookkeeping; it costs memory only, so it is used for CPU fp32 targets alone.
     """
+
+    ROWS_FOR_TRANSPOSED = 4
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach(), persistent=False)
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        bias = linear.bias.detach() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_t.t()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] > self.ROWS_FOR_TRANSPOSED:
+            return nn.functional.linear(x, self.weight, self.bias)
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
 
@@ -78,7 +80,7 @@ class Target:
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
-                 feature_layers: list[int] | None = None, thinking: bool = True):
+                 feature_layers: list[int] | None = None, thinking: bool = True, pretranspose: bool | None = None):
         model.eval().requires_grad_(False)
         self.model = model
         self.tokenizer = tokenizer
@@ -86,8 +88,12 @@ class Target:
         self.thinking = thinking
         self.decoder = model.get_decoder()
         self.embed_tokens: nn.Embedding = model.get_input_embeddings()
-        self.lm_head = FrozenLinear(model.get_output_embeddings())
-        freeze_linears(self.decoder)
+        head = model.get_output_embeddings()
+        if pretranspose is None:  # measured faster only for fp32 on CPU (bench-verify)
+            pretranspose = head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
+        self.lm_head = FrozenLinear(head) if pretranspose else head
+        if pretranspose:
+            freeze_linears(self.decoder)
         self.num_layers = int(self.config.num_hidden_layers)
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.lm_head.out_features)
@@ -194,7 +200,7 @@ def load_target(cfg: TargetConfig, feature_layers: list[int] | None = None) -> T
     """Build the frozen target of a config: a testbed by name, or a pretrained model."""
     from speculative.testbeds import load_testbed
 
-    layers = list(feature_layers if feature_layers is not None else cfg.feature_layers)
+    layers = list(feature_layers or [])
     if cfg.testbed:
         model, tokenizer = load_testbed(cfg.testbed, dtype=cfg.dtype)
     elif cfg.path:

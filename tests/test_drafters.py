@@ -30,7 +30,7 @@ def test_shared_target_weights_are_not_saved_or_trained(tiny_target, kind):
     drafter = make_drafter(tiny_target, kind, 4)
     names = set(drafter.state_dict())
     assert not any("embed" in n for n in names)
-    shared = {tiny_target.embed_tokens.weight.data_ptr(), tiny_target.lm_head.weight_t.data_ptr()}
+    shared = {tiny_target.embed_tokens.weight.data_ptr(), tiny_target.lm_head.weight.data_ptr()}
     assert all(p.data_ptr() not in shared for p in drafter.parameters())
     assert all(p.requires_grad for p in drafter.parameters())
 

@@ -60,7 +60,7 @@ def test_unreachable_hub_id_fails_with_the_fix(monkeypatch):
 def test_local_directory_loads(tmp_path):
     tiny_model().save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    target = load_target(TargetConfig(path=str(tmp_path), feature_layers=[1]))
+    target = load_target(TargetConfig(path=str(tmp_path)), [1])
     ids = torch.arange(5)
     torch.testing.assert_close(target.forward(ids, 0, None).logits,
                                Target(tiny_model(), None, [1]).forward(ids, 0, None).logits)

@@ -1,0 +1,106 @@
+"""The tau / speedup protocol of the anchors (dflash `benchmark.py`), on our decode loop.
+
+Batch 1. Each turn is decoded twice through the same loop: block size 1 (plain autoregressive,
+the baseline) and the drafter's block. Speedup = mean TPOT(plain) / mean TPOT(spec), with time
+per output token excluding prefill. tau is reported two ways: the mean over turns of each
+turn's mean (DFlash) and total committed tokens / total verify steps (SpecForge). MT-Bench
+turns build on the earlier turns and the target's own answers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from benchmarks.chat import render_prompt
+from benchmarks.datasets import Conversation
+from speculative.decode import DecodeConfig, DecodeResult, generate
+from speculative.drafter import Drafter
+from speculative.target import Target
+
+
+@dataclass
+class TurnResult:
+    conversation: str
+    turn: int
+    prompt_tokens: int
+    new_tokens: int
+    lossless: bool
+    tpot_plain: float
+    tpot_spec: float | None
+    taus: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BenchmarkSummary:
+    benchmark: str
+    prompts: int
+    turns: int
+    new_tokens: int
+    tau_mean: float | None
+    tau_pooled: float | None
+    speedup: float | None
+    tokens_per_s_spec: float | None
+    tokens_per_s_plain: float
+    lossless: bool | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(benchmark: str, prompts: int, turns: list[TurnResult]) -> BenchmarkSummary:
+    spec = [t for t in turns if t.tpot_spec is not None]
+    steps = sum(len(t.taus) for t in spec)
+    plain_tpot = statistics.fmean(t.tpot_plain for t in turns) if turns else float("nan")
+    spec_tpot = statistics.fmean(t.tpot_spec for t in spec) if spec else None
+    return BenchmarkSummary(
+        benchmark=benchmark,
+        prompts=prompts,
+        turns=len(turns),
+        new_tokens=sum(t.new_tokens for t in turns),
+        tau_mean=statistics.fmean(statistics.fmean(t.taus) for t in spec if t.taus) if steps else None,
+        tau_pooled=sum(sum(t.taus) for t in spec) / steps if steps else None,
+        speedup=plain_tpot / spec_tpot if spec_tpot else None,
+        tokens_per_s_spec=1.0 / spec_tpot if spec_tpot else None,
+        tokens_per_s_plain=1.0 / plain_tpot if turns else float("nan"),
+        lossless=all(t.lossless for t in spec) if spec else None,
+    )
+
+
+def decode_turn(target: Target, drafter: Drafter | None, prompt: list[int], cfg: DecodeConfig
+                ) -> tuple[DecodeResult, DecodeResult | None]:
+    plain = generate(target, prompt, None, cfg)
+    spec = generate(target, prompt, drafter, cfg) if drafter is not None else None
+    return plain, spec
+
+
+def run_conversation(target: Target, drafter: Drafter | None, conv: Conversation, cfg: DecodeConfig,
+                     thinking: bool) -> list[TurnResult]:
+    messages: list[dict[str, str]] = []
+    results = []
+    for i, turn in enumerate(conv.turns):
+        messages.append({"role": "user", "content": turn})
+        prompt = render_prompt(target.tokenizer, messages, thinking)
+        plain, spec = decode_turn(target, drafter, prompt, cfg)
+        lossless = spec is None or cfg.temperature > 0 or spec.tokens == plain.tokens
+        results.append(TurnResult(
+            conversation=conv.id, turn=i, prompt_tokens=len(prompt), new_tokens=plain.num_new_tokens,
+            lossless=lossless, tpot_plain=plain.time_per_output_token,
+            tpot_spec=spec.time_per_output_token if spec else None,
+            taus=[s.tau for s in spec.steps] if spec else []))
+        answer = target.tokenizer.decode(plain.response, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+    return results
+
+
+def run_benchmark(target: Target, drafter: Drafter | None, name: str, conversations: list[Conversation],
+                  cfg: DecodeConfig, thinking: bool, on_turn: Callable[[TurnResult], None] | None = None
+                  ) -> tuple[BenchmarkSummary, list[TurnResult]]:
+    turns: list[TurnResult] = []
+    for conv in conversations:
+        for result in run_conversation(target, drafter, conv, cfg, thinking):
+            turns.append(result)
+            if on_turn:
+                on_turn(result)
+    return summarize(name, len(conversations), turns), turns

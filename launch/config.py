@@ -1,0 +1,94 @@
+"""The run configuration: one omegaconf structured schema, a YAML file per scenario, dotlist overrides.
+
+`draft-opd eval configs/smol.yaml eval.num_prompts=4 draft.init=random` merges the schema, the
+file and the overrides in that order. An unknown key is an error that names the closest valid
+key; `draft=PATH` is shorthand for `draft.path=PATH`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from speculative.drafter import DraftSpec
+from speculative.target import TargetConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class EvalSection:
+    benchmarks: list[str] = field(default_factory=lambda: ["gsm8k"])
+    num_prompts: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    warmup_tokens: int = 16  # one short untimed decode first, so lazy init does not count
+    out: str | None = None  # JSON report path
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    target: TargetConfig = field(default_factory=TargetConfig)
+    draft: DraftSpec = field(default_factory=DraftSpec)
+    eval: EvalSection = field(default_factory=EvalSection)
+    data: dict[str, str] = field(default_factory=dict)  # benchmark name -> prompt file
+
+
+def _key_paths(cls, prefix: str = "") -> list[str]:
+    paths = []
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        paths.append(path)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            paths += _key_paths(type(default), path + ".")
+    return paths
+
+
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, _key_paths(Config), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _normalise(overrides: list[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. eval.num_prompts=4)")
+        out.append("draft.path=" + item.split("=", 1)[1] if item.split("=", 1)[0] == "draft" else item)
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema <- YAML file <- overrides, validated into a `Config`."""
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file} (the shipped ones are in configs/)")
+        layers.append(OmegaConf.load(file))
+    try:
+        layers.append(OmegaConf.from_dotlist(_normalise(list(overrides))))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = str(getattr(err, "full_key", "") or "")
+        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key)}; "
+                          "see launch/config.py for the schema") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {getattr(err, 'full_key', '?')})") from None
+    except ValueError as err:  # a dataclass's own validation
+        raise ConfigError(f"bad config: {err}") from None
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
