@@ -387,6 +387,11 @@ def _user_messages(row: _Row) -> list[str]:
     return turns
 
 
+def benchmark_names() -> list[str]:
+    """Every name `load_benchmark` answers to: the evaluation sets and the training prompt sets."""
+    return sorted(_LOADERS)
+
+
 def _loader(name: str) -> _Loader:
     if name in _LOADERS:
         return _LOADERS[name]

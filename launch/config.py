@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from benchmarks.datasets import benchmark_names
 from speculative.drafter import DraftSpec
 from speculative.target import TargetConfig
 
@@ -87,7 +88,17 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {getattr(err, 'full_key', '?')})") from None
     except ValueError as err:  # a dataclass's own validation
         raise ConfigError(f"bad config: {err}") from None
+    check_data_keys(cfg)
     return cfg
+
+
+def check_data_keys(cfg: Config) -> None:
+    known = benchmark_names()
+    for name in cfg.data:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean data.{close[0]}?)" if close else ""
+            raise ConfigError(f"data.{name}: no benchmark named {name!r}{hint}; known: {', '.join(known)}")
 
 
 def to_yaml(cfg: Config) -> str:
