@@ -82,9 +82,7 @@ class DFlashDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, _, start = state.take_pending()
-        if start + feats.shape[0] != position:
-            raise RuntimeError(f"drafter context ends at {start + feats.shape[0]}, anchor is at {position}")
+        feats, _, start = state.take_pending(position)
         mask_id = torch.full((n,), self.cfg.mask_token_id, dtype=anchor.dtype, device=anchor.device)
         block = torch.cat([anchor.view(1), mask_id])
         positions = torch.arange(start, position + n + 1, device=anchor.device)

@@ -91,9 +91,12 @@ class DraftState:
     pending_tokens: list[torch.Tensor] = field(default_factory=list)
     pending_start: int = 0
 
-    def take_pending(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def take_pending(self, anchor_position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Features and tokens not yet consumed, and their first position; they must end at the anchor."""
         feats, toks = torch.cat(self.pending_features), torch.cat(self.pending_tokens)
         start = self.pending_start
+        if start + feats.shape[0] != anchor_position:
+            raise RuntimeError(f"drafter context ends at {start + feats.shape[0]}, anchor is at {anchor_position}")
         self.pending_features, self.pending_tokens = [], []
         self.pending_start = start + feats.shape[0]
         return feats, toks, start

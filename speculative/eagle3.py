@@ -86,9 +86,7 @@ class Eagle3Drafter(Drafter):
     @torch.inference_mode()
     def propose(self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, tokens, start = state.take_pending()
-        if start + feats.shape[0] != position:
-            raise RuntimeError(f"drafter context ends at {start + feats.shape[0]}, anchor is at {position}")
+        feats, tokens, start = state.take_pending(position)
         next_tokens = torch.cat([tokens[1:], anchor.view(1)])  # pair feature t with token t+1
         positions = torch.arange(start, position, device=anchor.device)
         mask = causal_mask(len(positions), len(state.cache), anchor.device)
