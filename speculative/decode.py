@@ -26,6 +26,7 @@ class DecodeConfig:
     topk_logprobs: int = 0  # also record the target's top-k at draft positions
     seed: int = 0
     stop_token_ids: list[int] | None = None  # None: the target's EOS tokens
+    keep_features: bool = False  # return the target features of every position (for the replay buffer)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DecodeResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     stopped: bool = False  # ended on a stop token (not on the length limit)
+    features: torch.Tensor | None = None  # [len(tokens), F] with DecodeConfig.keep_features
 
     @property
     def response(self) -> list[int]:
@@ -114,10 +116,14 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
     stops = target.stop_token_ids() if cfg.stop_token_ids is None else cfg.stop_token_ids
     stop_ids = torch.tensor(stops, dtype=torch.long, device=target.device)
     use_draft = block > 1
+    with_features = use_draft or cfg.keep_features
+    kept: list[torch.Tensor] = []
 
     t0 = time.perf_counter()
     cache = target.new_cache()
-    out = target.forward(prompt_ids, 0, cache, with_features=use_draft)
+    out = target.forward(prompt_ids, 0, cache, with_features=with_features)
+    if cfg.keep_features:
+        kept.append(out.features)
     first = pick(out.logits[-1:])
     result = DecodeResult(tokens=prompt_ids.tolist() + first.tolist(), prompt_len=prompt_ids.numel(),
                           committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist())
@@ -134,7 +140,7 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
         else:
             draft, draft_logits = anchor.new_empty(0), None
         verify_ids = torch.cat([anchor.view(1), draft])
-        out = target.forward(verify_ids, anchor_pos, cache, with_features=use_draft)
+        out = target.forward(verify_ids, anchor_pos, cache, with_features=with_features)
         if cfg.temperature <= 0:
             accepted, bonus = verify_greedy(draft, out.logits)
         elif n > 0:
@@ -151,6 +157,8 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
         logp = torch.log_softmax(out.logits, dim=-1)
         result.committed_logprobs += logp[torch.arange(committed.numel()), committed].tolist()
         result.tokens += committed.tolist()
+        if cfg.keep_features:
+            kept.append(out.features[: accepted + 1])
         if use_draft:
             result.steps.append(_step_record(anchor_pos, draft, accepted, logp, cfg.topk_logprobs))
             drafter.extend(state, out.features[: accepted + 1], verify_ids[: accepted + 1], anchor_pos)
@@ -159,4 +167,7 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
         crop_cache(cache, anchor_pos + accepted + 1)
         anchor_pos, anchor = anchor_pos + accepted + 1, committed[-1]
     result.decode_s = time.perf_counter() - t1
+    if cfg.keep_features:  # the last token was never verified: one more step gives its features
+        kept.append(target.forward(anchor.view(1), anchor_pos, cache).features)
+        result.features = torch.cat(kept)
     return result

@@ -120,3 +120,13 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_target):
     limit = tiny_target.config.max_position_embeddings
     with pytest.raises(ValueError, match="exceeds the target's context"):
         generate(tiny_target, [1] * limit, None, DecodeConfig(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_kept_features_are_the_target_features_of_every_position(tiny_target, block_size):
+    prompt = prompt_of(10, seed=8)
+    drafter = make_drafter(tiny_target, "dflash", block_size) if block_size > 1 else None
+    out = generate(tiny_target, prompt, drafter, DecodeConfig(max_new_tokens=30, keep_features=True))
+    full = tiny_target.forward(torch.tensor(out.tokens), 0, None).features
+    assert out.features.shape == full.shape
+    torch.testing.assert_close(out.features, full, atol=1e-4, rtol=1e-4)
