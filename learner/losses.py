@@ -1,0 +1,107 @@
+"""Training losses, each a small pure function of log-probabilities and masks.
+
+Conventions: `*_logp` are log-probabilities of the token in question, shape [N, W] (N blocks,
+W = block width B-1), `mask` selects the valid entries, `offset` is the 1-based position of an
+entry inside its block (1 = the token right after the anchor). Teacher = target, student = draft.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGP_FLOOR = -10.0  # Draft-OPD clamps log-probs here, so a vanishing p or q cannot blow up a ratio
+LOSS_CAP = 10.0  # ... and each token's loss here
+
+
+def block_offsets(width: int, device: torch.device | None = None) -> torch.Tensor:
+    """1-based offsets [W] of the positions of a block after its anchor."""
+    return torch.arange(1, width + 1, device=device)
+
+
+def masked_weighted_mean(values: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    w = weights * mask
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def dflash_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    gamma: float = 7.0) -> torch.Tensor:
+    """DFlash: cross-entropy at block offset k weighted exp(-(k-1)/gamma), normalised by the weights.
+
+    student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W].
+    """
+    width = labels.shape[1]
+    weights = torch.exp(-(block_offsets(width, labels.device) - 1) / gamma).expand_as(labels)
+    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1).float(), labels.flatten().long(),
+                                           reduction="none").view_as(labels)
+    return masked_weighted_mean(ce, weights, mask.float())
+
+
+def eagle3_ttt_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
+                    masks: list[torch.Tensor], decay: float = 0.8) -> torch.Tensor:
+    """EAGLE-3 training-time test: soft cross-entropy against the target's distribution at unroll step i,
+    weighted decay^i and summed over steps (each step averaged over its valid positions).
+
+    student_logits[i] [M, V], teacher_probs[i] [M, V], masks[i] [M].
+    """
+    total = student_logits[0].new_zeros(())
+    for i, (logits, probs, mask) in enumerate(zip(student_logits, teacher_probs, masks)):
+        soft_ce = -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
+        total = total + decay ** i * masked_weighted_mean(soft_ce, torch.ones_like(soft_ce), mask.float())
+    return total
+
+
+def bernoulli_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Local forward KL of the accept/reject event: p log(p/q) + (1-p) log((1-p)/(1-q))."""
+    lp, lq = teacher_logp.clamp_min(LOGP_FLOOR), student_logp.clamp_min(LOGP_FLOOR)
+    p, q = lp.exp(), lq.exp()
+    eps = 1e-6
+    return p * (lp - lq) + (1 - p) * (torch.log1p(-p.clamp_max(1 - eps)) - torch.log1p(-q.clamp_max(1 - eps)))
+
+
+def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Reverse KL estimated at a student sample with k3: r = p/q, (r - 1) - log r (>= 0, unbiased)."""
+    log_r = teacher_logp.clamp_min(LOGP_FLOOR) - student_logp.clamp_min(LOGP_FLOOR)
+    return log_r.exp() - 1 - log_r
+
+
+def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor, resp_mask: torch.Tensor,
+                   rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor, rej_mask: torch.Tensor,
+                   decay: float = 0.9) -> dict[str, torch.Tensor]:
+    """Draft-OPD's decayed asymmetric KL over the response and rejected streams of N blocks ([N, W] each).
+
+    loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = decay^(offset-1), each term capped.
+    """
+    width = rej_mask.shape[1]
+    w = decay ** (block_offsets(width, rej_mask.device) - 1).float() * rej_mask
+    resp = bernoulli_forward_kl(resp_teacher_logp, resp_student_logp).clamp_max(LOSS_CAP) * resp_mask
+    rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp).clamp_max(LOSS_CAP) * w
+    denominator = (resp_mask.sum() + w.sum()).clamp_min(1e-12)
+    return {"loss": (resp.sum() + rej.sum()) / denominator, "resp_kl": resp.sum() / resp_mask.sum().clamp_min(1),
+            "rej_kl": rej.sum() / w.sum().clamp_min(1e-12)}
+
+
+def topk_forward_kl(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                    student_logp_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact forward KL(p || q) restricted to the teacher's top-k (p renormalised over it).
+
+    teacher_topk_logp / ids [N, W, k], student_logp_full [N, W, V], mask [N, W].
+    """
+    p = torch.softmax(teacher_topk_logp.float(), dim=-1)
+    lq = student_logp_full.gather(-1, teacher_topk_ids.long())
+    kl = (p * (p.clamp_min(1e-12).log() - lq)).sum(-1)
+    return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
+
+
+def reverse_kl_full(teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """Exact reverse KL(q || p) from full distributions [N, W, V]."""
+    q = student_logp_full.exp()
+    kl = (q * (student_logp_full - teacher_logp_full)).sum(-1)
+    return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
+
+
+def total_variation(teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """TV(p, q) = 1/2 sum |p - q|: with greedy-free sampling, acceptance probability = 1 - TV."""
+    tv = 0.5 * (teacher_logp_full.exp() - student_logp_full.exp()).abs().sum(-1)
+    return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())

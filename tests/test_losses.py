@@ -1,0 +1,107 @@
+"""Every loss against values computed by hand (Python math, not the formulas under test)."""
+
+import math
+
+import pytest
+import torch
+
+from learner.losses import (bernoulli_forward_kl, dflash_sft_loss, draft_opd_loss, eagle3_ttt_loss,
+                            k3_reverse_kl, reverse_kl_full, topk_forward_kl, total_variation)
+
+
+def test_bernoulli_forward_kl_by_hand():
+    p, q = 0.7, 0.4
+    expected = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    got = bernoulli_forward_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)]))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert bernoulli_forward_kl(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.3)])).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_k3_by_hand_and_the_log_prob_floor():
+    p, q = 0.2, 0.5
+    r = p / q
+    assert k3_reverse_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)])).item() == pytest.approx(
+        (r - 1) - math.log(r), rel=1e-5)
+    # log p = -30 is floored at -10: r = e^-10 / 0.5
+    r = math.exp(-10) / 0.5
+    assert k3_reverse_kl(torch.tensor([-30.0]), torch.tensor([math.log(0.5)])).item() == pytest.approx(
+        (r - 1) - math.log(r), rel=1e-5)
+
+
+def test_draft_opd_loss_weights_and_normalisation_by_hand():
+    # two blocks of width 3. Block 0: accept 1 -> response offsets 1 (accepted) and 2 (bonus); rejected 2, 3.
+    # Block 1: accept 3 (all) -> response offsets 1, 2, 3; nothing rejected.
+    tp = [[0.9, 0.6, 0.0], [0.8, 0.5, 0.3]]  # teacher prob of the response tokens
+    sp = [[0.5, 0.2, 0.0], [0.6, 0.5, 0.1]]  # student prob of the same
+    resp_mask = [[1, 1, 0], [1, 1, 1]]
+    rtp = [[0.0, 0.05, 0.1], [0.0, 0.0, 0.0]]  # teacher prob of the rejected proposals
+    rsp = [[0.0, 0.4, 0.3], [0.0, 0.0, 0.0]]  # student prob of them
+    rej_mask = [[0, 1, 1], [0, 0, 0]]
+    decay = 0.8
+
+    def bern(p, q):
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    def k3(p, q):
+        return p / q - 1 - math.log(p / q)
+
+    resp = sum(bern(tp[n][j], sp[n][j]) for n in range(2) for j in range(3) if resp_mask[n][j])
+    rej = sum(decay ** j * k3(rtp[0][j], rsp[0][j]) for j in (1, 2))
+    expected = (resp + rej) / (5 + decay ** 1 + decay ** 2)
+
+    def logp(x):
+        return torch.tensor(x).clamp_min(1e-30).log()
+
+    out = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32),
+                         logp(rtp), logp(rsp), torch.tensor(rej_mask, dtype=torch.float32), decay=decay)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
+    assert out["rej_kl"].item() == pytest.approx(rej / (decay + decay ** 2), rel=1e-4)
+
+
+def test_draft_opd_per_token_loss_is_capped():
+    big = draft_opd_loss(torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1),
+                         torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1))
+    assert big["loss"].item() == pytest.approx(10.0, rel=1e-5)
+
+
+def test_dflash_sft_loss_decay_weights_by_hand():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])  # [1, W=3, V=3]
+    labels = torch.tensor([[0, 0, 2]])
+    mask = torch.tensor([[1, 1, 0]])
+
+    def ce(row, label):
+        return -(row[label] - math.log(sum(math.exp(v) for v in row)))
+
+    gamma = 7.0
+    w = [math.exp(-k / gamma) for k in range(3)]
+    rows = logits[0].tolist()
+    expected = (w[0] * ce(rows[0], 0) + w[1] * ce(rows[1], 0)) / (w[0] + w[1])
+    assert dflash_sft_loss(logits, labels, mask, gamma).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_eagle3_ttt_loss_step_weights_by_hand():
+    logits = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    probs = [torch.tensor([[0.25, 0.75]]), torch.tensor([[0.5, 0.5]])]
+    masks = [torch.ones(1), torch.ones(1)]
+
+    def soft_ce(row, p):
+        lse = math.log(sum(math.exp(v) for v in row))
+        return -sum(pi * (v - lse) for pi, v in zip(p, row))
+
+    expected = soft_ce([1.0, 0.0], [0.25, 0.75]) + 0.8 * soft_ce([0.0, 2.0], [0.5, 0.5])
+    assert eagle3_ttt_loss(logits, probs, masks).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_exact_divergences_by_hand():
+    p, q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]
+    lp, lq = torch.tensor([[p]]).log(), torch.tensor([[q]]).log()
+    mask = torch.ones(1, 1)
+    assert reverse_kl_full(lp, lq, mask).item() == pytest.approx(sum(b * math.log(b / a) for a, b in zip(p, q)),
+                                                                 rel=1e-5)
+    assert total_variation(lp, lq, mask).item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(p, q)),
+                                                                 rel=1e-5)
+    # top-2 of p = tokens 0, 1, renormalised to 5/8, 3/8
+    ids = torch.tensor([[[0, 1]]])
+    topk = torch.tensor([[[math.log(0.5), math.log(0.3)]]])
+    expected = 5 / 8 * math.log((5 / 8) / 0.2) + 3 / 8 * math.log((3 / 8) / 0.2)
+    assert topk_forward_kl(topk, ids, lq, mask).item() == pytest.approx(expected, rel=1e-5)
