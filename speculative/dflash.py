@@ -90,3 +90,23 @@ class DFlashDrafter(Drafter):
         state.cache.crop(position)
         logits = self.target_logits(hidden[1:]).float()
         return pick(logits), logits
+
+    def replay_logits(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor, width: int
+                      ) -> torch.Tensor:
+        """Re-draft one block from each anchor of a sequence in one pass (training: SFT and error-position replay).
+
+        Each block [tokens[a], MASK x width] sees the target features of positions < a and itself,
+        exactly what `propose` sees at inference. features [T, F], tokens [T], anchors [N] ->
+        logits [N, width, V] for offsets 1..width.
+        """
+        n, b, t = anchors.shape[0], width + 1, features.shape[0]
+        block = torch.full((n, b), self.cfg.mask_token_id, dtype=tokens.dtype, device=tokens.device)
+        block[:, 0] = tokens[anchors]
+        block_pos = anchors[:, None] + torch.arange(b, device=tokens.device)
+        owner = torch.arange(n, device=tokens.device).repeat_interleave(b)
+        sees_context = torch.arange(t, device=tokens.device)[None, :] < anchors[owner][:, None]
+        sees_block = owner[:, None] == owner[None, :]
+        mask = torch.cat([sees_context, sees_block], dim=1)
+        positions = torch.cat([torch.arange(t, device=tokens.device), block_pos.flatten()])
+        hidden = self.block_hidden(block.flatten(), self.fuse(features), positions, None, mask)
+        return self.target_logits(hidden).view(n, b, -1)[:, 1:].float()

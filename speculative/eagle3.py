@@ -102,3 +102,29 @@ class Eagle3Drafter(Drafter):
                 hidden = self.step(token, hidden, pos, state.cache)
         state.cache.crop(position)
         return torch.cat(drafted), torch.cat(all_logits)
+
+    def replay_logits(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                      chain_tokens: torch.Tensor) -> torch.Tensor:
+        """Unroll a chain from each anchor at once (training-time test and error-position replay).
+
+        Step 1 of anchor a reads the true features of every position < a (one causal pass shared
+        by all anchors); step k >= 2 feeds back its own hidden state with input token
+        chain_tokens[:, k-2] (the recorded proposals to replay a rollout, the true tokens for SFT),
+        attending to the shared prefix and to its own chain only. features [T, F], tokens [T],
+        anchors [N] (>= 1), chain_tokens [N, W-1] -> logits [N, W, V].
+        """
+        t, n = features.shape[0], anchors.shape[0]
+        device = tokens.device
+        cache = KVCache(1)
+        prefix = torch.arange(t - 1, device=device)
+        hidden = self.step(tokens[1:], self.fc(features[:-1]), prefix, cache, causal_mask(t - 1, 0, device))
+        h = hidden[anchors - 1]
+        logits = [self.logits(h)]
+        owner = torch.arange(n, device=device)
+        sees_prefix = prefix[None, :] < anchors[:, None]
+        for k in range(chain_tokens.shape[1]):
+            chain_cols = torch.arange(n * (k + 1), device=device) % n
+            mask = torch.cat([sees_prefix, owner[:, None] == chain_cols[None, :]], dim=1)
+            h = self.step(chain_tokens[:, k], h, anchors + k, cache, mask)
+            logits.append(self.logits(h))
+        return torch.stack(logits, dim=1)

@@ -118,7 +118,7 @@ class Target:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the learner feeds these features into a graph
     def forward(self, input_ids: torch.Tensor, start: int, cache: DynamicCache | None,
                 with_features: bool = True) -> TargetOutput:
         """Run `input_ids` ([T] or [1, T]) at positions start..start+T-1 on top of `cache`."""
