@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run smol eval-smol bench-verify clean
+.PHONY: setup test test-slow run smol bench-verify bench-buffer clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ run: smol
 
 bench-verify: smol
 	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml
+
+bench-buffer: setup
+	$(BIN)/python -m benchmarks.bench_buffer
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

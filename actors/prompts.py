@@ -1,0 +1,50 @@
+"""The prompt stream of the rollout actors: deterministic, sharded across actors, endless by epochs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.datasets import Conversation, benchmark_names, load_benchmark, load_prompt_file
+
+
+def load_prompts(source: str, num_prompts: int | None = None) -> list[Conversation]:
+    """A benchmark name (gsm8k_train, code_alpaca, ...) or any JSON/JSONL prompt file."""
+    if source in benchmark_names():
+        conversations = load_benchmark(source, num_prompts=num_prompts)
+    elif Path(source).suffix in (".json", ".jsonl"):
+        conversations = load_prompt_file(source)[:num_prompts]
+    else:
+        raise ValueError(f"rollout.prompts={source!r} is neither a benchmark ({', '.join(benchmark_names())}) "
+                         "nor a .json/.jsonl prompt file")
+    if not conversations:
+        raise ValueError(f"rollout.prompts={source!r} holds no prompts")
+    return conversations
+
+
+@dataclass
+class PromptPool:
+    """Actor `shard` of `num_shards` takes prompts shard, shard + num_shards, ... and cycles epochs.
+
+    `position` counts the prompts this shard has taken, so a checkpoint can resume the stream
+    without repeating or skipping one.
+    """
+
+    conversations: list[Conversation]
+    shard: int = 0
+    num_shards: int = 1
+    position: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard {self.shard} out of range for {self.num_shards} shards")
+        self.indices = list(range(self.shard, len(self.conversations), self.num_shards))
+        if not self.indices:
+            raise ValueError(f"{len(self.conversations)} prompts cannot feed {self.num_shards} actors; "
+                             "lower rollout.num_actors or add prompts")
+
+    def next(self) -> tuple[int, Conversation]:
+        """(epoch, conversation) of the next prompt."""
+        epoch, i = divmod(self.position, len(self.indices))
+        self.position += 1
+        return epoch, self.conversations[self.indices[i]]

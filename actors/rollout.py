@@ -1,0 +1,160 @@
+"""Rollout actors: a frozen target and the current draft run target-assisted rollout into the buffer.
+
+At T = 0 the committed tokens are the target's own greedy output, so one trajectory serves both
+the SFT baselines (as target-generated text) and Draft-OPD (anchors, proposals, rejections).
+`RolloutWorker` is a plain class (tests and one-process runs use it directly); `RolloutActor` is
+the same class as a Ray actor, placed by `start_rollout_actors` in a placement group.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import zlib
+from dataclasses import dataclass, replace
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.prompts import PromptPool, load_prompts
+from benchmarks.chat import render_prompt
+from buffer import Trajectory
+from speculative.decode import DecodeConfig, DecodeResult, generate
+from speculative.drafter import DraftSpec, make_drafter
+from speculative.target import TargetConfig, load_target
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    prompts: str = "gsm8k_train"  # a benchmark name or a .json/.jsonl prompt file
+    num_prompts: int | None = None  # use the first N prompts only
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    topk_logprobs: int = 0  # also store the target's top-k at draft positions
+    store_features: bool = False  # store target features (fp16) so the learner needs no target copy
+    threads: int = 1  # torch threads per actor
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor
+    placement_timeout_s: float = 60.0
+
+
+def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_version: int,
+                  actor_id: str) -> Trajectory:
+    steps = result.steps
+    topk = steps and steps[0].topk_ids is not None
+    features = result.features.to(torch.float16).numpy() if result.features is not None else None
+    return Trajectory(
+        traj_id=traj_id, prompt_id=prompt_id, draft_version=draft_version, actor_id=actor_id,
+        created_at=time.time(), input_ids=result.tokens, prompt_len=result.prompt_len,
+        anchors=[s.anchor for s in steps], draft_tokens=[s.draft_tokens for s in steps],
+        accept_len=[s.accept_len for s in steps], committed_logprobs=result.committed_logprobs,
+        draft_logprobs=[s.draft_logprobs for s in steps],
+        topk_ids=[s.topk_ids or [] for s in steps] if topk else None,
+        topk_logprobs=[s.topk_logprobs or [] for s in steps] if topk else None,
+        features=features)
+
+
+def insert(buffer, trajectory: Trajectory) -> int:
+    """Insert into a local ReplayBuffer or a Ray buffer actor alike."""
+    batch = trajectory.to_record_batch()
+    if hasattr(buffer.insert, "remote"):
+        return ray.get(buffer.insert.remote(batch))
+    return buffer.insert(batch)
+
+
+class RolloutWorker:
+    """Loads the target once; holds the draft and its version; turns prompts into trajectories."""
+
+    def __init__(self, target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, actor_index: int = 0,
+                 buffer=None):
+        if rollout.threads > 0:
+            torch.set_num_threads(rollout.threads)
+        self.cfg, self.buffer = rollout, buffer
+        self.actor_id = f"rollout-{actor_index}"
+        self.target = load_target(target)
+        self.drafter = make_drafter(draft if draft.path or draft.init else _random(draft), self.target)
+        self.thinking = target.thinking
+        self.version = 0
+        self.pool = PromptPool(load_prompts(rollout.prompts, rollout.num_prompts), actor_index, rollout.num_actors)
+        self.decode = DecodeConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                   topk_logprobs=rollout.topk_logprobs, keep_features=rollout.store_features)
+
+    def rollout(self) -> Trajectory:
+        """One trajectory from the next prompt (its first user turn)."""
+        epoch, conv = self.pool.next()
+        prompt_id = f"{conv.benchmark}/{conv.id}"
+        prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
+        cfg = replace(self.decode, seed=zlib.crc32(f"{prompt_id}@{epoch}".encode()))  # same on every retry
+        result = generate(self.target, prompt, self.drafter, cfg)
+        return to_trajectory(result, f"{prompt_id}@{epoch}", prompt_id, self.version, self.actor_id)
+
+    def run(self, num_trajectories: int) -> dict[str, float]:
+        """Roll out and insert `num_trajectories`; returns tau and throughput of this batch of work."""
+        start, taus, tokens = time.perf_counter(), [], 0
+        for _ in range(num_trajectories):
+            traj = self.rollout()
+            insert(self.buffer, traj)
+            taus += [a + 1 for a in traj.accept_len]
+            tokens += len(traj.input_ids) - traj.prompt_len
+        elapsed = time.perf_counter() - start
+        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": num_trajectories,
+                "tau": statistics.fmean(taus) if taus else 1.0, "tokens_per_s": tokens / elapsed,
+                "prompt_position": self.pool.position}
+
+    def set_draft(self, version: int, weights: dict[str, torch.Tensor]) -> bool:
+        """Apply published weights if they are newer than ours; drafter state is per-rollout, so nothing is cached."""
+        if version <= self.version:
+            return False
+        self.drafter.load_state_dict(weights)
+        self.version = version
+        return True
+
+    def draft_version(self) -> int:
+        return self.version
+
+    def proposals(self, prompt: list[int], n: int) -> list[int]:
+        """The draft's first block of proposals for a prompt (to see published weights take effect)."""
+        out = self.target.forward(torch.tensor(prompt), 0, None)
+        state = self.drafter.begin(out.features, torch.tensor(prompt))
+        draft, _ = self.drafter.propose(state, out.logits[-1].argmax(), len(prompt), n, lambda x: x.argmax(-1))
+        return draft.tolist()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _random(draft: DraftSpec) -> DraftSpec:
+    """Rollout always needs a draft: with neither path nor init, start from a seeded random one."""
+    return replace(draft, init="random")
+
+
+RolloutActor = ray.remote(RolloutWorker)
+
+
+def start_rollout_actors(target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, buffer,
+                         ) -> tuple[list, object]:
+    """N rollout actors in one placement group; fails with a clear error when the cluster lacks resources."""
+    if rollout.num_actors < 1:
+        raise ValueError(f"rollout.num_actors must be >= 1 (got {rollout.num_actors})")
+    bundle = {"CPU": rollout.num_cpus, **({"GPU": rollout.num_gpus} if rollout.num_gpus else {})}
+    need = {k: v * rollout.num_actors for k, v in bundle.items()}
+    have = ray.cluster_resources()
+    short = {k: f"{v:g} needed, {have.get(k, 0):g} in the cluster" for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        raise ValueError(f"{rollout.num_actors} rollout actors need more than the cluster has ({short}); "
+                         "lower rollout.num_actors or rollout.num_cpus/num_gpus, or add nodes")
+    group = placement_group([bundle] * rollout.num_actors, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=rollout.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise TimeoutError(f"placement group for {rollout.num_actors} rollout actors not ready after "
+                           f"{rollout.placement_timeout_s:g} s (resources held by other jobs?)") from None
+    actors = [RolloutActor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=-1,
+                                   scheduling_strategy=PlacementGroupSchedulingStrategy(group, i))
+              .remote(target, draft, rollout, i, buffer) for i in range(rollout.num_actors)]
+    return actors, group

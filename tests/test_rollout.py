@@ -1,0 +1,108 @@
+"""Rollout actors: trajectories into the buffer, equal to plain greedy decoding, on a real local Ray cluster."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from actors.prompts import PromptPool, load_prompts
+from actors.rollout import RolloutConfig, RolloutWorker, start_rollout_actors
+from benchmarks.chat import render_prompt
+from buffer import BufferConfig, ReplayBuffer, ReplayBufferActor
+from speculative.decode import DecodeConfig, generate
+from speculative.drafter import DraftSpec
+from speculative.target import TargetConfig
+from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
+
+TARGET = TargetConfig(testbed="tiny")
+DRAFT = DraftSpec(kind="dflash", block_size=6, num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS,
+                  mask_token_id=TINY_MASK, init="random")
+ROLLOUT = RolloutConfig(prompts="gsm8k_train", num_prompts=6, max_new_tokens=24, topk_logprobs=2)
+
+
+def plain_greedy(tiny_target, trajectory) -> list[int]:
+    prompt = trajectory.input_ids[: trajectory.prompt_len]
+    return generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=ROLLOUT.max_new_tokens)).tokens
+
+
+def test_prompt_pool_shards_and_cycles_without_repeats():
+    conversations = load_prompts("gsm8k_train", num_prompts=5)
+    pools = [PromptPool(conversations, shard, 2) for shard in range(2)]
+    first_epoch = [pools[0].next()[1].id for _ in range(3)] + [pools[1].next()[1].id for _ in range(2)]
+    assert sorted(first_epoch) == sorted(c.id for c in conversations)
+    assert pools[1].next() == (1, conversations[1]) and pools[1].position == 3
+    with pytest.raises(ValueError, match="cannot feed 6 actors"):
+        PromptPool(conversations, 5, 6)
+
+
+def test_prompt_source_errors():
+    with pytest.raises(ValueError, match="neither a benchmark"):
+        load_prompts("gsm8k_trian")
+
+
+def test_worker_trajectories_equal_plain_greedy_and_round_trip_the_buffer(tiny_target):
+    buffer = ReplayBuffer(BufferConfig(topk=2))
+    worker = RolloutWorker(TARGET, DRAFT, ROLLOUT, 0, buffer)
+    stats = worker.run(3)
+    assert stats["trajectories"] == 3 and buffer.stats()["size"] == 3 and stats["tau"] >= 1.0
+    prompt_ids = [f"gsm8k_train/{i}" for i in range(3)]
+    for pid in prompt_ids:
+        stored = buffer.get(f"{pid}@0")
+        assert stored.prompt_id == pid and stored.draft_version == 0
+        assert stored.input_ids == plain_greedy(tiny_target, stored)
+        assert len(stored.topk_ids) == len(stored.anchors)
+    batch = buffer.sample(16)
+    for i in range(len(batch)):
+        item = batch.item(i)
+        source = buffer.get(item.traj_id)
+        assert item.rejected_tokens.tolist() == source.draft_tokens[item.step][source.accept_len[item.step]:]
+        assert item.anchor == source.anchors[item.step]
+
+
+def test_stored_features_are_fp16_target_features(tiny_target):
+    buffer = ReplayBuffer()
+    worker = RolloutWorker(TARGET, DRAFT, replace(ROLLOUT, store_features=True, topk_logprobs=0), 0, buffer)
+    worker.run(1)
+    stored = buffer.get("gsm8k_train/0@0")
+    expected = tiny_target.forward(torch.tensor(stored.input_ids), 0, None).features
+    assert stored.features.dtype == np.float16 and stored.features.shape == tuple(expected.shape)
+    np.testing.assert_allclose(stored.features.astype(np.float32), expected.numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_newer_published_weights_change_proposals_and_older_ones_are_ignored():
+    worker = RolloutWorker(TARGET, DRAFT, ROLLOUT, 0, None)
+    prompt = render_prompt(worker.target.tokenizer, [{"role": "user", "content": "2+2?"}], True)
+    before = worker.proposals(prompt, 5)
+    weights = {k: torch.randn_like(v) for k, v in worker.drafter.state_dict().items()}
+    assert worker.set_draft(3, weights) and worker.draft_version() == 3
+    after = worker.proposals(prompt, 5)
+    assert after != before
+    assert not worker.set_draft(2, {k: torch.zeros_like(v) for k, v in weights.items()})
+    assert worker.proposals(prompt, 5) == after
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_rollout_actors_fill_the_buffer_on_a_local_ray_cluster(ray_cluster, tiny_target):
+    buffer = ReplayBufferActor.remote(BufferConfig(topk=2))
+    rollout = replace(ROLLOUT, num_actors=2, num_cpus=1)
+    actors, group = start_rollout_actors(TARGET, DRAFT, rollout, buffer)
+    stats = ray.get([a.run.remote(2) for a in actors], timeout=180)
+    assert [s["actor"] for s in stats] == ["rollout-0", "rollout-1"]
+    assert ray.get(buffer.stats.remote())["size"] == 4
+    for pid in ["gsm8k_train/0", "gsm8k_train/1", "gsm8k_train/2", "gsm8k_train/3"]:  # shards 0,2 and 1,3
+        stored = ray.get(buffer.get.remote(f"{pid}@0"))
+        assert stored.input_ids == plain_greedy(tiny_target, stored)
+    assert len(set(ray.get([a.pid.remote() for a in actors]))) == 2
+
+
+def test_more_actors_than_resources_is_a_clear_error(ray_cluster):
+    with pytest.raises(ValueError, match="need more than the cluster has"):
+        start_rollout_actors(TARGET, DRAFT, replace(ROLLOUT, num_actors=5, num_cpus=1), None)
