@@ -1,0 +1,77 @@
+"""The training objective of a phase on one sampled batch: SFT (the DFlash/EAGLE-3 baselines) or Draft-OPD.
+
+Both phases read the same rollouts. At T = 0 a trajectory's committed tokens are the target's
+own greedy text, so SFT trains on random anchors in that text with hard labels (the DFlash
+recipe; for EAGLE-3 the training-time-test chain is fed the true tokens). OPD replays the
+recorded anchors on the draft's own proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from buffer import SampleBatch
+from learner.losses import dflash_sft_loss, draft_opd_loss
+from learner.replay import FeatureSource, replay, replay_block_logits
+from speculative.drafter import Drafter
+
+
+@dataclass
+class ObjectiveConfig:
+    opd_decay: float = 0.9  # rejected-stream weight decay^(offset-1); the GSM8K script used 0.8
+    sft_gamma: float = 7.0  # DFlash position weight exp(-(k-1)/gamma)
+    eagle_decay: float = 0.8  # EAGLE-3 step weight decay^i
+
+
+def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels[n, j] = ids[anchor+1+j] inside the sequence; mask marks which exist."""
+    pos = anchors[:, None] + 1 + torch.arange(width)
+    mask = pos < ids.shape[0]
+    return ids[pos.clamp_max(ids.shape[0] - 1)], mask
+
+
+def sft_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
+             rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Random anchors in the committed text, as many per trajectory as the batch sampled from it."""
+    width = drafter.cfg.block_size - 1
+    logits, labels, masks = [], [], []
+    lowest = 1 if drafter.cfg.kind == "eagle3" else 0
+    for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
+        ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
+        lo = max(int(batch.prompt_len[t]) - 1, lowest)
+        anchors = torch.from_numpy(rng.integers(lo, max(ids.shape[0] - 1, lo + 1), size=count))
+        label, mask = text_labels(ids, anchors, width)
+        logits.append(replay_block_logits(drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+                                          label, width))
+        labels.append(label)
+        masks.append(mask)
+    logits, labels, mask = torch.cat(logits), torch.cat(labels), torch.cat(masks).float()
+    if drafter.cfg.kind == "eagle3":
+        weights = cfg.eagle_decay ** torch.arange(width, dtype=torch.float32)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        per_step = (ce.view_as(mask) * mask).sum(0) / mask.sum(0).clamp_min(1)
+        loss = (weights * per_step).sum()
+    else:
+        loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma)
+    accuracy = ((logits.argmax(-1) == labels).float() * mask).sum() / mask.sum().clamp_min(1)
+    return {"loss": loss, "token_accuracy": accuracy.detach()}
+
+
+def opd_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
+             ) -> dict[str, torch.Tensor]:
+    terms = replay(drafter, batch, features)
+    return draft_opd_loss(terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
+                          terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask,
+                          decay=cfg.opd_decay)
+
+
+def phase_loss(phase: str, drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    if phase == "sft":
+        return sft_loss(drafter, batch, features, cfg, rng)
+    if phase == "opd":
+        return opd_loss(drafter, batch, features, cfg)
+    raise ValueError(f"unknown phase {phase!r}; use sft or opd")

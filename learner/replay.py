@@ -1,0 +1,82 @@
+"""Error-position replay: the current draft re-drafts the sampled blocks; gather what the losses need.
+
+For each trajectory in a sampled batch, the draft replays every sampled anchor in one pass
+(`replay_logits`), conditioned on the target features of the prefix (stored in the buffer, or
+recomputed by a frozen target copy). The student's log-probs are gathered at the committed
+tokens (response stream) and at the proposals (rejected stream); the teacher's come from the
+rollout records, so replay costs no target pass when features are stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from buffer import SampleBatch
+from speculative.drafter import Drafter
+
+FeatureSource = Callable[[np.ndarray, np.ndarray | None], torch.Tensor]  # (input_ids, stored fp16) -> [T, F]
+
+
+def target_features(target) -> FeatureSource:
+    """Features from the stored fp16 copy when present, else from a frozen target pass."""
+
+    def source(input_ids: np.ndarray, stored: np.ndarray | None) -> torch.Tensor:
+        if stored is not None:
+            return torch.from_numpy(stored.astype(np.float32))
+        return target.forward(torch.from_numpy(input_ids.astype(np.int64)), 0, None).features
+
+    return source
+
+
+@dataclass
+class ReplayTerms:
+    """Aligned [N, W] tensors in the batch's item order."""
+
+    student_logp: torch.Tensor  # [N, W, V] log-softmax of the re-drafted blocks
+    committed_tokens: torch.Tensor
+    committed_mask: torch.Tensor
+    teacher_committed_logp: torch.Tensor
+    draft_tokens: torch.Tensor
+    rejected_mask: torch.Tensor
+    teacher_draft_logp: torch.Tensor
+
+    def student_at(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.student_logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def replay_block_logits(drafter: Drafter, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
+                        chain_tokens: torch.Tensor, width: int) -> torch.Tensor:
+    """Logits [n, width, V] of blocks re-drafted at `anchors`; chain drafters are fed `chain_tokens` [n, width-1]."""
+    if drafter.cfg.kind == "eagle3":
+        return drafter.replay_logits(features, input_ids, anchors.clamp_min(1), chain_tokens[:, : width - 1])
+    return drafter.replay_logits(features, input_ids, anchors, width)
+
+
+def replay(drafter: Drafter, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
+    width = batch.draft_tokens.shape[1]
+    draft_tokens = torch.from_numpy(batch.draft_tokens.astype(np.int64))
+    logits = [None] * len(batch)
+    for t in np.unique(batch.traj_index):
+        items = np.nonzero(batch.traj_index == t)[0]
+        ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
+        anchors = torch.from_numpy(batch.anchor[items].astype(np.int64))
+        block = replay_block_logits(drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+                                    draft_tokens[items], width)
+        for row, i in enumerate(items):
+            logits[i] = block[row]
+    valid = torch.ones(len(batch), dtype=torch.bool)
+    if drafter.cfg.kind == "eagle3":  # a chain needs one prefix pair before its anchor
+        valid = torch.from_numpy(batch.anchor >= 1)
+    return ReplayTerms(
+        student_logp=torch.log_softmax(torch.stack(logits), dim=-1),
+        committed_tokens=torch.from_numpy(batch.committed_tokens.astype(np.int64)),
+        committed_mask=torch.from_numpy(batch.committed_mask).float() * valid[:, None],
+        teacher_committed_logp=torch.from_numpy(batch.committed_logprobs),
+        draft_tokens=draft_tokens,
+        rejected_mask=torch.from_numpy(batch.rejected_mask).float() * valid[:, None],
+        teacher_draft_logp=torch.from_numpy(batch.draft_logprobs),
+    )
