@@ -15,8 +15,7 @@ import torch
 
 from buffer import SampleBatch
 from learner.losses import dflash_sft_loss, draft_opd_loss
-from learner.replay import FeatureSource, replay, replay_block_logits
-from speculative.drafter import Drafter
+from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
 
 
 @dataclass
@@ -33,9 +32,10 @@ def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[t
     return ids[pos.clamp_max(ids.shape[0] - 1)], mask
 
 
-def sft_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
+def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
              rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Random anchors in the committed text, as many per trajectory as the batch sampled from it."""
+    drafter = drafter_of(model)
     width = drafter.cfg.block_size - 1
     logits, labels, masks = [], [], []
     lowest = 1 if drafter.cfg.kind == "eagle3" else 0
@@ -44,7 +44,7 @@ def sft_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg:
         lo = max(int(batch.prompt_len[t]) - 1, lowest)
         anchors = torch.from_numpy(rng.integers(lo, max(ids.shape[0] - 1, lo + 1), size=count))
         label, mask = text_labels(ids, anchors, width)
-        logits.append(replay_block_logits(drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+        logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
                                           label, width))
         labels.append(label)
         masks.append(mask)
@@ -60,18 +60,18 @@ def sft_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg:
     return {"loss": loss, "token_accuracy": accuracy.detach()}
 
 
-def opd_loss(drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
+def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
              ) -> dict[str, torch.Tensor]:
-    terms = replay(drafter, batch, features)
+    terms = replay(model, batch, features)
     return draft_opd_loss(terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
                           terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask,
                           decay=cfg.opd_decay)
 
 
-def phase_loss(phase: str, drafter: Drafter, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
+def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
                rng: np.random.Generator) -> dict[str, torch.Tensor]:
     if phase == "sft":
-        return sft_loss(drafter, batch, features, cfg, rng)
+        return sft_loss(model, batch, features, cfg, rng)
     if phase == "opd":
-        return opd_loss(drafter, batch, features, cfg)
+        return opd_loss(model, batch, features, cfg)
     raise ValueError(f"unknown phase {phase!r}; use sft or opd")

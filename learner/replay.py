@@ -48,15 +48,21 @@ class ReplayTerms:
         return self.student_logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
-def replay_block_logits(drafter: Drafter, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
+def drafter_of(model) -> Drafter:
+    """The drafter behind a DeepSpeed engine (or the drafter itself)."""
+    return getattr(model, "module", model)
+
+
+def replay_block_logits(model, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
                         chain_tokens: torch.Tensor, width: int) -> torch.Tensor:
-    """Logits [n, width, V] of blocks re-drafted at `anchors`; chain drafters are fed `chain_tokens` [n, width-1]."""
-    if drafter.cfg.kind == "eagle3":
-        return drafter.replay_logits(features, input_ids, anchors.clamp_min(1), chain_tokens[:, : width - 1])
-    return drafter.replay_logits(features, input_ids, anchors, width)
+    """Logits [n, width, V] of blocks re-drafted at `anchors` through `model` (a drafter or its engine);
+    chain drafters are fed `chain_tokens` [n, width-1]."""
+    if drafter_of(model).cfg.kind == "eagle3":
+        anchors = anchors.clamp_min(1)  # a chain needs one prefix pair; such items are masked out
+    return model(features, input_ids, anchors, chain_tokens[:, : width - 1])
 
 
-def replay(drafter: Drafter, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
+def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
     width = batch.draft_tokens.shape[1]
     draft_tokens = torch.from_numpy(batch.draft_tokens.astype(np.int64))
     logits = [None] * len(batch)
@@ -64,12 +70,12 @@ def replay(drafter: Drafter, batch: SampleBatch, features: FeatureSource) -> Rep
         items = np.nonzero(batch.traj_index == t)[0]
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = torch.from_numpy(batch.anchor[items].astype(np.int64))
-        block = replay_block_logits(drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+        block = replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
                                     draft_tokens[items], width)
         for row, i in enumerate(items):
             logits[i] = block[row]
     valid = torch.ones(len(batch), dtype=torch.bool)
-    if drafter.cfg.kind == "eagle3":  # a chain needs one prefix pair before its anchor
+    if drafter_of(model).cfg.kind == "eagle3":  # a chain needs one prefix pair before its anchor
         valid = torch.from_numpy(batch.anchor >= 1)
     return ReplayTerms(
         student_logp=torch.log_softmax(torch.stack(logits), dim=-1),

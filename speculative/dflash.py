@@ -91,14 +91,16 @@ class DFlashDrafter(Drafter):
         logits = self.target_logits(hidden[1:]).float()
         return pick(logits), logits
 
-    def replay_logits(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor, width: int
-                      ) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                chain_tokens: torch.Tensor) -> torch.Tensor:
         """Re-draft one block from each anchor of a sequence in one pass (training: SFT and error-position replay).
 
-        Each block [tokens[a], MASK x width] sees the target features of positions < a and itself,
-        exactly what `propose` sees at inference. features [T, F], tokens [T], anchors [N] ->
-        logits [N, width, V] for offsets 1..width.
+        Each block [tokens[a], MASK x W] sees the target features of positions < a and itself,
+        exactly what `propose` sees at inference. features [T, F], tokens [T], anchors [N],
+        chain_tokens [N, W-1] (only its width matters: a block needs no inputs but the anchor)
+        -> logits [N, W, V] for offsets 1..W.
         """
+        width = chain_tokens.shape[1] + 1
         n, b, t = anchors.shape[0], width + 1, features.shape[0]
         block = torch.full((n, b), self.cfg.mask_token_id, dtype=tokens.dtype, device=tokens.device)
         block[:, 0] = tokens[anchors]

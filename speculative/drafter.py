@@ -133,6 +133,12 @@ class Drafter(nn.Module):
         """Return n draft tokens after `anchor` (at `position`) and their logits [n, V]."""
         raise NotImplementedError
 
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                chain_tokens: torch.Tensor) -> torch.Tensor:
+        """Training: re-draft a block of W = chain_tokens.shape[1] + 1 proposals from each anchor of one
+        sequence at once, as `propose` would have at inference; logits [N, W, V]."""
+        raise NotImplementedError
+
     def save(self, path: str | Path) -> Path:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)

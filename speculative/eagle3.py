@@ -103,8 +103,8 @@ class Eagle3Drafter(Drafter):
         state.cache.crop(position)
         return torch.cat(drafted), torch.cat(all_logits)
 
-    def replay_logits(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                      chain_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
+                chain_tokens: torch.Tensor) -> torch.Tensor:
         """Unroll a chain from each anchor at once (training-time test and error-position replay).
 
         Step 1 of anchor a reads the true features of every position < a (one causal pass shared

@@ -20,12 +20,12 @@ def test_replay_logits_equal_the_rollout_proposal_logits(tiny_target, kind):
     anchors = torch.tensor([position for position, _ in helped.proposals])
     width = 5
     if kind == "dflash":
-        replayed = drafter.replay_logits(features, full, anchors, width)
+        replayed = drafter(features, full, anchors, torch.zeros(len(anchors), width - 1, dtype=torch.long))
     else:  # replay the chain on the proposals the inner drafter made (its own argmax)
         chain = torch.stack([logits.argmax(-1)[: width - 1] for _, logits in helped.proposals
                              if logits.shape[0] == width])
         anchors = anchors[: chain.shape[0]]
-        replayed = drafter.replay_logits(features, full, anchors, chain)
+        replayed = drafter(features, full, anchors, chain)
     for i in range(anchors.shape[0]):
         logits = helped.proposals[i][1]
         torch.testing.assert_close(replayed[i, : logits.shape[0]], logits, atol=2e-4, rtol=2e-4)
