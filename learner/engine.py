@@ -1,0 +1,155 @@
+"""One learner rank: a DeepSpeed ZeRO engine around the drafter (stage 1/2/3, fp32 or bf16, gloo or NCCL).
+
+Ranks run as Ray actors (`LearnerActor`) that form one torch.distributed group; the driver asks
+every rank to step, and each samples its own batch from the replay buffer. Full weights for
+publishing are gathered from ZeRO-3 partitions with `deepspeed.zero.GatheredParameters`, which
+every rank must enter. Every collective carries a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import ray
+import torch
+
+from learner.objective import ObjectiveConfig, phase_loss
+from learner.replay import target_features
+from speculative.drafter import DraftSpec, make_drafter
+from speculative.target import TargetConfig, load_target
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 1
+    zero_stage: int = 2
+    dtype: str = "float32"  # float32 | bfloat16
+    lr: float = 6e-4  # DFlash SFT; the Draft-OPD run used 3e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 32  # sampled blocks per rank per step
+    threads: int = 1  # torch threads per rank
+    num_cpus: float = 1.0  # per rank
+    num_gpus: float = 0.0  # per rank
+    timeout_s: float = 300.0  # any collective or blocking call
+    seed: int = 0
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict:
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3 (got {cfg.zero_stage})")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"learner.dtype must be float32 or bfloat16 (got {cfg.dtype!r})")
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one sampled batch per step; its size is learner.batch_size
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                  "torch_adam": True}},  # no fused-Adam build on CPU
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+                                                     "warmup_num_steps": max(cfg.warmup_steps, 1)}},
+        "zero_optimization": {"stage": cfg.zero_stage, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
+    import deepspeed
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank),
+                       "WORLD_SIZE": str(world_size), "MASTER_ADDR": address, "MASTER_PORT": str(port)})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+class Learner:
+    """A learner rank. With world_size 1 it also runs in-process (tests, one-process runs)."""
+
+    def __init__(self, target: TargetConfig, draft: DraftSpec, cfg: LearnerConfig, objective: ObjectiveConfig,
+                 rank: int = 0, address: str = "127.0.0.1", port: int | None = None, buffer=None):
+        import deepspeed
+
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.objective, self.rank, self.buffer = cfg, objective, rank, buffer
+        init_process_group(rank, cfg.world_size, address, port or free_port(), cfg.timeout_s)
+        self.target = load_target(target)
+        spec = draft if draft.path or draft.init else DraftSpec(**{**vars(draft), "init": "random"})
+        drafter = make_drafter(spec, self.target)
+        drafter.train()
+        self.engine, *_ = deepspeed.initialize(model=drafter, model_parameters=list(drafter.parameters()),
+                                               config=deepspeed_config(cfg))
+        self.features = target_features(self.target)
+        self.rng = np.random.default_rng(cfg.seed + 1000 * rank)
+        self.steps = 0
+
+    @property
+    def drafter(self):
+        return self.engine.module
+
+    def train_step(self, phase: str, batch) -> dict[str, float]:
+        """One optimizer step on `batch` (this rank's share); gradients are averaged across ranks."""
+        start = time.perf_counter()
+        out = phase_loss(phase, self.engine, batch, self.features, self.objective, self.rng)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        self.steps += 1
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics.update(step_s=time.perf_counter() - start, blocks=len(batch),
+                       tokens=int(batch.committed_mask.sum() + batch.rejected_mask.sum()))
+        return metrics
+
+    def step(self, phase: str, learner_version: int) -> dict[str, float]:
+        """Sample this rank's batch from the buffer and take one step."""
+        batch = ray.get(self.buffer.sample.remote(self.cfg.batch_size, learner_version), timeout=self.cfg.timeout_s)
+        return self.train_step(phase, batch)
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The complete draft weights (fp32, CPU) on rank 0; every rank must call (ZeRO-3 gathers)."""
+        import deepspeed
+
+        params = list(self.drafter.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            return {k: v.detach().float().cpu().clone() for k, v in self.drafter.state_dict().items()}
+
+    def save_draft(self, path: str) -> str | None:
+        weights = self.full_weights()
+        if weights is None:
+            return None
+        drafter = self.drafter
+        state = {k: v.to(next(iter(drafter.state_dict().values())).dtype) for k, v in weights.items()}
+        snapshot = type(drafter)(drafter.cfg, *drafter._shared)
+        snapshot.load_state_dict(state)
+        return str(snapshot.save(path))
+
+
+LearnerActor = ray.remote(Learner)
+
+
+def start_learners(target: TargetConfig, draft: DraftSpec, cfg: LearnerConfig, objective: ObjectiveConfig,
+                   buffer) -> list:
+    """`world_size` learner ranks as Ray actors joined in one process group."""
+    if cfg.world_size < 1:
+        raise ValueError(f"learner.world_size must be >= 1 (got {cfg.world_size})")
+    port = free_port()
+    address = ray.util.get_node_ip_address()
+    return [LearnerActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+            .remote(target, draft, cfg, objective, rank, address, port, buffer) for rank in range(cfg.world_size)]
