@@ -105,6 +105,18 @@ class RolloutWorker:
                 "tau": statistics.fmean(taus) if taus else 1.0, "tokens_per_s": tokens / elapsed,
                 "prompt_position": self.pool.position}
 
+    def evaluate_tau(self, benchmark: str, num_prompts: int, max_new_tokens: int, path: str | None = None
+                     ) -> dict[str, float]:
+        """Held-out tau of the current draft: mean over prompts of each prompt's mean tau (T = 0)."""
+        from benchmarks.datasets import load_benchmark
+
+        per_prompt = []
+        for conv in load_benchmark(benchmark, path, num_prompts):
+            prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
+            result = generate(self.target, prompt, self.drafter, DecodeConfig(max_new_tokens=max_new_tokens))
+            per_prompt.append(statistics.fmean(s.tau for s in result.steps) if result.steps else 1.0)
+        return {"eval_tau": statistics.fmean(per_prompt), "draft_version": self.version}
+
     def set_draft(self, version: int, weights: dict[str, torch.Tensor]) -> bool:
         """Apply published weights if they are newer than ours; drafter state is per-rollout, so nothing is cached."""
         if version <= self.version:

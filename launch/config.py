@@ -14,7 +14,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from actors.rollout import RolloutConfig
 from benchmarks.datasets import benchmark_names
+from buffer import BufferConfig
+from learner.engine import LearnerConfig
+from learner.objective import ObjectiveConfig
 from speculative.drafter import DraftSpec
 from speculative.target import TargetConfig
 
@@ -34,6 +38,19 @@ class EvalSection:
 
 
 @dataclass
+class TrainSection:
+    sft_steps: int = 100  # learner steps of the SFT warm-up (0 skips it)
+    opd_steps: int = 100  # learner steps of Draft-OPD after it (0 skips it)
+    publish_every: int = 5  # learner steps between weight publications
+    rollouts_per_call: int = 1  # trajectories an actor rolls out between checks for new weights
+    eval_benchmark: str = "gsm8k"  # held-out tau before, during and after training
+    eval_prompts: int = 4
+    eval_max_new_tokens: int = 64
+    eval_every: int = 0  # learner steps between held-out evaluations; 0: before and after only
+    out_dir: str = "runs"  # the run directory is out_dir/name
+
+
+@dataclass
 class Config:
     name: str = "run"
     threads: int = 0  # torch intra-op threads; 0 = all cores
@@ -41,6 +58,11 @@ class Config:
     draft: DraftSpec = field(default_factory=DraftSpec)
     eval: EvalSection = field(default_factory=EvalSection)
     data: dict[str, str] = field(default_factory=dict)  # benchmark name -> prompt file
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainSection = field(default_factory=TrainSection)
 
 
 def _key_paths(cls, prefix: str = "") -> list[str]:

@@ -80,9 +80,9 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
     return ReplayTerms(
         student_logp=torch.log_softmax(torch.stack(logits), dim=-1),
         committed_tokens=torch.from_numpy(batch.committed_tokens.astype(np.int64)),
-        committed_mask=torch.from_numpy(batch.committed_mask).float() * valid[:, None],
-        teacher_committed_logp=torch.from_numpy(batch.committed_logprobs),
+        committed_mask=torch.tensor(batch.committed_mask).float() * valid[:, None],
+        teacher_committed_logp=torch.tensor(batch.committed_logprobs),
         draft_tokens=draft_tokens,
-        rejected_mask=torch.from_numpy(batch.rejected_mask).float() * valid[:, None],
-        teacher_draft_logp=torch.from_numpy(batch.draft_logprobs),
+        rejected_mask=torch.tensor(batch.rejected_mask).float() * valid[:, None],
+        teacher_draft_logp=torch.tensor(batch.draft_logprobs),
     )
