@@ -65,6 +65,13 @@ class Trajectory:
 
     def to_record_batch(self) -> pa.RecordBatch:
         """A validated one-row batch: what `ReplayBuffer.insert` stores (and cheap to send to a Ray actor)."""
+        batch = self.unvalidated_record_batch()
+        validate(batch)
+        return batch
+
+    def unvalidated_record_batch(self) -> pa.RecordBatch:
+        """The one-row batch with only the type conversions checked; `validate` it (alone or concatenated
+        with others) before storing it. `ReplayBuffer.insert` / `insert_many` do, once per call."""
         columns = {}
         for field in SCHEMA:
             if field.name in ("features", "feature_dim"):
@@ -79,9 +86,7 @@ class Trajectory:
                 raise ValueError(f"trajectory {self.traj_id!r}: field '{field.name}' cannot be stored as "
                                  f"{field.type}: {e}") from e
         columns["features"], columns["feature_dim"] = _features_columns(self.traj_id, self.features)
-        batch = pa.RecordBatch.from_arrays(list(columns.values()), schema=SCHEMA)
-        validate(batch)
-        return batch
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=SCHEMA)
 
     @classmethod
     def from_record_batch(cls, batch: pa.RecordBatch, row: int = 0) -> Trajectory:
@@ -131,7 +136,15 @@ def _features_columns(traj_id: str, features: np.ndarray | None) -> tuple[pa.Arr
 def ragged(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
     """(int64 offsets rebased to 0, child values) of a list array, zero-copy; works on slices."""
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    return offsets - offsets[0], arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+    first, values = int(offsets[0]), arr.values
+    if first == 0 and offsets[-1] == len(values):  # not a slice: skip the rebase and the child slice
+        return offsets, values
+    return offsets - first, values.slice(first, int(offsets[-1]) - first)
+
+
+def diff(x: np.ndarray) -> np.ndarray:
+    """np.diff of a 1-D array without its per-call overhead (this runs a dozen times per insert)."""
+    return x[1:] - x[:-1]
 
 
 def numpy(arr: pa.Array) -> np.ndarray:
@@ -227,37 +240,55 @@ def validate(batch: pa.RecordBatch) -> Columns:
     (acc_off,), accept = check.lists("accept_len", 1)
     (dstep_off, draft_off), draft_tokens = check.lists("draft_tokens", 2)
     (lstep_off, dlp_off), draft_logprobs = check.lists("draft_logprobs", 2)
-    length = np.diff(tok_off)
+    length = diff(tok_off)
     prompt_len = numpy(batch.column("prompt_len")).astype(np.int64)
     check.rows((prompt_len >= 1) & (prompt_len <= length), "prompt_len", "must be in 1..len(input_ids)")
-    check.rows(np.diff(lp_off) == length - prompt_len, "committed_logprobs",
+    check.rows(diff(lp_off) == length - prompt_len, "committed_logprobs",
                "must hold one log-prob per response token (len(input_ids) - prompt_len)")
-    n_steps = np.diff(step_off)
+    n_steps = diff(step_off)
     for name, offsets in (("accept_len", acc_off), ("draft_tokens", dstep_off), ("draft_logprobs", lstep_off)):
-        check.rows(np.diff(offsets) == n_steps, name, "must have one entry per verify step (len(anchors))")
-    n_draft = np.diff(draft_off)
-    check.steps(np.diff(dlp_off) == n_draft, "draft_logprobs", "must have one log-prob per draft token")
+        check.rows(diff(offsets) == n_steps, name, "must have one entry per verify step (len(anchors))")
+    n_draft = diff(draft_off)
+    check.steps(diff(dlp_off) == n_draft, "draft_logprobs", "must have one log-prob per draft token")
     check.steps((accept >= 0) & (accept <= n_draft), "accept_len", "must be in 0..len(draft_tokens[step])")
+    anchors = anchors.astype(np.int64)  # int32 anchors + accept_len could wrap around past the bound below
     step_row = np.repeat(np.arange(batch.num_rows), n_steps)
     row_len = length[step_row]
     check.steps((anchors >= prompt_len[step_row] - 1) & (anchors + accept < row_len), "anchors",
                 "must lie in [prompt_len-1, len(input_ids)-accept_len-1): the accepted tokens follow the anchor")
-
-    # Proposal j of a step sits at anchor+1+j: accepted ones must equal the committed token
-    # there, and the first rejected one must differ from it (the target's bonus token).
-    draft_step = np.repeat(np.arange(len(anchors)), n_draft)
-    j = np.arange(len(draft_step)) - draft_off[draft_step]
-    pos = anchors[draft_step] + 1 + j
-    verified = (j <= accept[draft_step]) & (pos < row_len[draft_step])
-    committed_token = tokens[np.where(verified, tok_off[step_row[draft_step]] + pos, 0)]
-    mismatch = verified & ((draft_tokens == committed_token) != (j < accept[draft_step]))
-    check.steps(np.bincount(draft_step[mismatch], minlength=len(anchors)) == 0, "draft_tokens",
+    check.steps(_drafts_agree(tokens, tok_off[step_row] + anchors + 1, row_len - anchors - 1, accept, n_draft,
+                              draft_off, draft_tokens), "draft_tokens",
                 "disagrees with input_ids: accepted proposals must equal input_ids[anchor+1+j] and the first "
                 "rejected one must differ from it (anchors or accept_len off by one?)")
     _validate_topk(batch, check, n_steps, n_draft)
     _validate_features(batch, check, length)
     return Columns(prompt_len, numpy(batch.column("draft_version")), tok_off, tokens, lp_off, committed, step_off,
                    anchors, accept, draft_off, draft_tokens, draft_logprobs)
+
+
+def _drafts_agree(tokens: np.ndarray, start: np.ndarray, room: np.ndarray, accept: np.ndarray,
+                  n_draft: np.ndarray, draft_off: np.ndarray, draft_tokens: np.ndarray) -> np.ndarray:
+    """Per step: proposal j sits at input_ids position anchor+1+j (flat index start+j, `room` positions
+    left in its row). Accepted ones (j < accept_len) must equal the committed token there, and the
+    first rejected one (j = accept_len, when inside the row) must differ from it: it is the target's
+    bonus token. Needs the anchors check first, which keeps every accepted position inside its row."""
+    ok = np.ones(len(accept), dtype=bool)
+    bonus = np.flatnonzero((accept < n_draft) & (accept < room))
+    if len(bonus):
+        ok[bonus] = draft_tokens[draft_off[bonus] + accept[bonus]] != tokens[start[bonus] + accept[bonus]]
+    if not len(accept):
+        return ok
+    n = int(n_draft[0])
+    if (n_draft == n).all():  # the usual fixed block size: one [steps, n] window per step, no per-proposal gathers
+        padded = np.concatenate([tokens, np.zeros(n, tokens.dtype)])  # windows may run past the last row
+        window = np.lib.stride_tricks.sliding_window_view(padded, n)[start]  # input_ids[start:start+n] per step
+        wrong = (draft_tokens.reshape(-1, n) != window) & (np.arange(n) < accept[:, None])
+        return ok & ~wrong.any(axis=1)
+    step = np.repeat(np.arange(len(accept)), accept)  # one entry per accepted proposal
+    first = np.cumsum(accept) - accept
+    j = np.arange(len(step)) - first[step]
+    wrong = draft_tokens[draft_off[step] + j] != tokens[start[step] + j]
+    return ok & (np.bincount(step[wrong], minlength=len(accept)) == 0)
 
 
 def _validate_topk(batch: pa.RecordBatch, check: _Checker, n_steps: np.ndarray, n_draft: np.ndarray) -> None:
@@ -268,14 +299,14 @@ def _validate_topk(batch: pa.RecordBatch, check: _Checker, n_steps: np.ndarray, 
     check.rows(present == logprobs.is_valid().to_numpy(zero_copy_only=False), "topk_logprobs",
                "must be given exactly when topk_ids is")
     outer_off, steps = ragged(ids)
-    check.rows(np.where(present, np.diff(outer_off), n_steps) == n_steps, "topk_ids",
+    check.rows(np.where(present, diff(outer_off), n_steps) == n_steps, "topk_ids",
                "must have one entry per verify step")
     has_steps = np.repeat(present, n_steps)
     mid_off, positions = ragged(steps)
     ok = np.ones(len(n_draft), dtype=bool)
-    ok[has_steps] = np.diff(mid_off) == n_draft[has_steps]
+    ok[has_steps] = diff(mid_off) == n_draft[has_steps]
     check.steps(ok, "topk_ids", "must have one top-k list per draft token")
-    k_lengths = np.diff(ragged(positions)[0])
+    k_lengths = diff(ragged(positions)[0])
     if len(k_lengths) and (k_lengths != k_lengths[0]).any():
         raise ValueError("field 'topk_ids' must hold the same k at every draft position")
     for level_ids, level_lp in zip(_offset_levels(ids), _offset_levels(logprobs)):

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from buffer.schema import Columns, features_view, numpy
+from buffer.schema import Columns, diff, features_view, numpy
 
 
 class FifoTable:
@@ -109,11 +109,15 @@ class TrajectoryStore:
 
     def add(self, batch: pa.RecordBatch, cols: Columns, segment: int | None) -> list[StoredRow]:
         """Index every row of a validated batch in a few vectorized appends."""
-        token_row = np.repeat(np.arange(batch.num_rows), np.diff(cols.token_offsets))
-        committed = np.full(len(cols.input_ids), np.nan, dtype=np.float32)
-        committed[np.arange(len(token_row)) - cols.token_offsets[token_row] >= cols.prompt_len[token_row]] = \
-            cols.committed_logprobs
-        n_draft = np.diff(cols.draft_offsets)
+        committed = np.full(len(cols.input_ids), np.nan, dtype=np.float32)  # NaN under each prompt
+        first_response = cols.token_offsets[:-1] + cols.prompt_len
+        if batch.num_rows == 1:
+            committed[first_response[0]:] = cols.committed_logprobs
+        else:  # each row's response is the tail of its tokens, and committed_logprobs lists exactly those
+            n_response = diff(cols.committed_offsets)
+            committed[np.repeat(first_response - cols.committed_offsets[:-1], n_response)
+                      + np.arange(len(cols.committed_logprobs))] = cols.committed_logprobs
+        n_draft = diff(cols.draft_offsets)
         weight = self.step_weight(cols.accept_len, n_draft)
         cum_weight = np.concatenate([[0], np.cumsum(weight)])
         first, last = cols.step_offsets[:-1], cols.step_offsets[1:]
@@ -128,7 +132,7 @@ class TrajectoryStore:
                                   draft0=draft0 + cols.draft_offsets[:-1],
                                   cum_weight=self._weight_total + cum_weight[1:])
         serial0 = self.rows.append(step0=step0 + first, n_steps=last - first, tok0=tok0 + cols.token_offsets[:-1],
-                                   length=np.diff(cols.token_offsets),
+                                   length=diff(cols.token_offsets),
                                    n_draft=cols.draft_offsets[last] - cols.draft_offsets[first],
                                    prompt_len=cols.prompt_len, version=cols.draft_version,
                                    weight=cum_weight[last] - cum_weight[first],
@@ -136,10 +140,14 @@ class TrajectoryStore:
         self._weight_total += int(cum_weight[-1])
 
         stored = []
+        one_row = batch.num_rows == 1
+        has_features = batch.column("features").null_count < batch.num_rows
+        offsets = cols.token_offsets.tolist()
         for i, traj_id in enumerate(batch.column("traj_id").to_pylist()):
-            input_ids = cols.input_ids[cols.token_offsets[i]:cols.token_offsets[i + 1]]
-            stored.append(StoredRow(batch.slice(i, 1), traj_id, input_ids, features_view(batch, i), segment))
-            self._rows[serial0 + i] = stored[-1]
+            row = StoredRow(batch if one_row else batch.slice(i, 1), traj_id, cols.input_ids[offsets[i]:offsets[i + 1]],
+                            features_view(batch, i) if has_features else None, segment)
+            stored.append(row)
+            self._rows[serial0 + i] = row
             self._serial_of[traj_id] = serial0 + i
         return stored
 

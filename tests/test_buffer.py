@@ -181,6 +181,7 @@ def test_crash_before_sealing_loses_only_the_open_segment(tmp_path):
     ("draft_tokens", lambda t: t.draft_tokens[1].__setitem__(0, 7)),  # an "accepted" token that was not committed
     ("draft_tokens", lambda t: t.draft_tokens[0].__setitem__(2, t.input_ids[t.anchors[0] + 3])),  # rejected == bonus
     ("anchors", lambda t: t.anchors.__setitem__(0, 0)),
+    ("anchors", lambda t: t.anchors.__setitem__(1, 2**31 - 1)),  # int32 anchor + accept_len must not wrap around
     ("prompt_len", lambda t: setattr(t, "prompt_len", 0)),
     ("input_ids", lambda t: t.input_ids.__setitem__(0, 1.5)),
     ("features", lambda t: setattr(t, "features", np.zeros((3, 2), np.float32))),
@@ -204,6 +205,82 @@ def test_insert_checks_schema_and_topk_against_config():
     with pytest.raises(ValueError, match="'input_ids' should be list<item: int32>"):
         buf.insert(wrong_type)
     assert len(buf) == 0
+
+
+# --- batched insert -------------------------------------------------------------------------
+
+def test_batch_insert_round_trips_and_is_idempotent_within_and_across_batches(tmp_path):
+    config = BufferConfig(dir=str(tmp_path), segment_rows=4, topk=2)
+    trajs = {f"b{i}": make_traj(f"b{i}", [i % 3, 1, 4], [5, 3, 6], version=i, topk=2, feature_dim=3 * (i % 2))
+             for i in range(6)}
+    with ReplayBuffer(config) as buf:
+        # insert_many: a list of Trajectory and RecordBatch items, "b1" twice inside the call
+        assert buf.insert_many([trajs["b0"], trajs["b1"].to_record_batch(), trajs["b1"], trajs["b2"]]) == 3
+        # insert of one multi-row batch: b2 stored before, b3 twice inside it
+        batch = pa.concat_batches([trajs[t].to_record_batch() for t in ("b2", "b3", "b3", "b4", "b5")])
+        assert buf.insert(batch) == 3
+        assert buf.insert(batch) == 0 and buf.insert_many([trajs["b0"], trajs["b5"]]) == 0
+        assert len(buf) == 6 and buf.stats()["duplicates"] == 1 + 2 + 5 + 2 and buf.stats()["inserted"] == 6
+        for traj_id, traj in trajs.items():
+            assert_same(buf.get(traj_id), traj)
+        sample = buf.sample(300)
+        assert set(sample.traj_ids) == set(trajs)
+        for i in range(len(sample)):  # the index built from multi-row batches points at the right rows
+            item = sample.item(i)
+            traj = trajs[item.traj_id]
+            assert item.anchor == traj.anchors[item.step] and item.draft_tokens.tolist() == traj.draft_tokens[item.step]
+            np.testing.assert_array_equal(item.topk_ids, traj.topk_ids[item.step])
+            assert item.input_ids.tolist() == traj.input_ids
+    assert segment_rows_on_disk(tmp_path) == 6
+    reopened = ReplayBuffer(config)
+    for traj_id, traj in trajs.items():
+        assert_same(reopened.get(traj_id), traj)
+    assert reopened.insert(batch) == 0
+    assert ReplayBuffer(BufferConfig()).insert_many([]) == 0
+
+
+def test_batch_with_one_invalid_row_is_rejected_whole(tmp_path):
+    buf = ReplayBuffer(BufferConfig(dir=str(tmp_path)))
+    bad = make_traj("bad", [2, 1, 5])
+    bad.draft_tokens[1][0] = 7  # an "accepted" proposal that was never committed
+    good = [make_traj(f"g{i}", [1, 2, 3]) for i in range(3)]
+    items = [good[0], good[1], bad, good[2]]
+    with pytest.raises(ValueError, match=r"trajectory 'bad' \(row 2\), step 1: field 'draft_tokens'"):
+        buf.insert_many(items)
+    batch = pa.concat_batches([t.unvalidated_record_batch() for t in items])
+    with pytest.raises(ValueError, match=r"trajectory 'bad' \(row 2\)"):
+        buf.insert(batch)
+    assert len(buf) == 0 and buf.stats()["inserted"] == 0 and "g0" not in buf
+    buf.close()
+    assert segment_rows_on_disk(tmp_path) == 0
+    assert buf.insert_many(good) == 3  # the valid rows alone go in
+
+
+def test_batch_insert_is_split_by_the_rate_limiter_and_resumes():
+    # offset 4, window 8: two inserts fit, then each sample of 4 items makes room for one more.
+    buf = ReplayBuffer(BufferConfig(samples_per_insert=4, ratio_tolerance=4))
+    batch = [make_traj(f"t{i}", [1]) for i in range(4)]
+    with pytest.raises(RateLimitTimeout, match=r"'t2' \(row 2 of a 4-row batch; 2 new rows before it were stored\)"):
+        buf.insert_many(batch, timeout_s=0.3)
+    assert [f"t{i}" in buf for i in range(4)] == [True, True, False, False]  # the rows that fit stay stored
+    thread, result = _run_in_thread(lambda: buf.insert_many(batch, timeout_s=10))  # the retry stores the rest
+    time.sleep(0.3)
+    assert thread.is_alive() and "t2" not in buf
+    buf.sample(4)
+    time.sleep(0.3)
+    assert thread.is_alive() and "t2" in buf and "t3" not in buf
+    buf.sample(4)
+    thread.join(5)
+    assert result["value"] == 2 and len(buf) == 4 and buf.stats()["duplicates"] == 2
+
+
+def test_batch_larger_than_capacity_keeps_its_newest_rows(tmp_path):
+    config = BufferConfig(capacity=3, dir=str(tmp_path), segment_rows=2)
+    with ReplayBuffer(config) as buf:
+        assert buf.insert_many([make_traj(f"t{i}", [1, 2]) for i in range(5)]) == 5
+        assert [f"t{i}" in buf for i in range(5)] == [False, False, True, True, True]
+        assert buf.stats()["evicted"] == 2 and buf.insert(make_traj("t0", [1, 2])) == 0
+    assert [f"t{i}" in ReplayBuffer(config) for i in range(5)] == [False, False, True, True, True]
 
 
 # --- rate limiter ---------------------------------------------------------------------------
