@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run smol bench-verify bench-buffer clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,18 @@ smol: setup
 	$(BIN)/draft-opd smol
 
 run: smol
+	$(BIN)/draft-opd train configs/smol.yaml
+
+eval-smol: smol
 	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=4 \
-		draft.kind=dflash draft.init=random eval.out=runs/eval-smol.json
+		draft=runs/smol/draft eval.out=runs/eval-smol.json
+
+ray-up: setup
+	$(BIN)/ray start --head --dashboard-host=127.0.0.1
+	@echo "submit with: RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
+
+ray-down:
+	$(BIN)/ray stop
 
 bench-verify: smol
 	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml

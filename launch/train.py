@@ -80,15 +80,26 @@ class Run:
                                                          self.cfg.data.get(t.eval_benchmark)))
         return out["eval_tau"]
 
-    def harvest_rollouts(self) -> None:
-        """Collect finished rollout calls without waiting, and start the next ones."""
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+    def harvest_rollouts(self, wait_s: float = 0.0) -> None:
+        """Collect finished rollout calls (waiting up to `wait_s` for one) and start the next ones."""
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=wait_s)
+        if ready:
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         for ref in ready:
             actor = self.pending.pop(ref)
             stats = ray.get(ref)
             self.taus.append(stats["tau"])
             self.rollout_tokens_per_s = stats["tokens_per_s"]
             self.pending[actor.run.remote(self.cfg.train.rollouts_per_call)] = actor
+
+    def learner_results(self, refs: list) -> list[dict]:
+        """Wait for the learner ranks while keeping the rollout actors busy (they feed the samples waited on)."""
+        deadline = time.monotonic() + self.cfg.learner.timeout_s
+        while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner step not done after learner.timeout_s={self.cfg.learner.timeout_s:g} s")
+            self.harvest_rollouts(wait_s=0.2)
+        return ray.get(refs)
 
     def publish(self) -> float:
         """Gather the full draft weights, put them once in the object store, hand the ref to every actor."""
@@ -103,9 +114,7 @@ class Run:
 
     def step(self, step: int) -> dict:
         phase = phase_of(step, self.cfg)
-        results = ray.get([rank.step.remote(phase, self.version) for rank in self.learners],
-                          timeout=self.cfg.learner.timeout_s)
-        self.harvest_rollouts()
+        results = self.learner_results([rank.step.remote(phase, self.version) for rank in self.learners])
         record = {"step": step + 1, "phase": phase, "loss": statistics.fmean(r["loss"] for r in results),
                   "tau": statistics.fmean(self.taus) if self.taus else None, "draft_version": self.version,
                   "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),

@@ -1,0 +1,68 @@
+"""The training job end to end on the tiny target through a real local Ray cluster."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from launch.config import load_config
+from launch.train import train
+from speculative.drafter import load_drafter
+from speculative.target import Target
+from speculative.testbeds import tiny_model, tiny_tokenizer
+
+SHORT_RUN = ["train.sft_steps=20", "train.opd_steps=10", "train.publish_every=5", "rollout.num_prompts=4",
+             "rollout.max_new_tokens=32", "learner.batch_size=16", "learner.lr=2e-3", "learner.warmup_steps=2",
+             "train.eval_benchmark=gsm8k_train", "train.eval_prompts=4", "train.eval_max_new_tokens=32",
+             "train.eval_every=15", "buffer.min_size_to_sample=3", "buffer.timeout_s=120"]
+
+
+def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
+    cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}"])
+    try:
+        summary = train(cfg)
+    finally:
+        ray.shutdown()
+    assert summary["tau_after"] > summary["tau_before"] + 0.1, summary
+    run = tmp_path / "tiny"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["phase"] in ("sft", "opd")]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert {r["phase"] for r in steps} == {"sft", "opd"}
+    assert all({"loss", "tau", "draft_version"} <= set(r) for r in steps)
+    assert steps[5]["draft_version"] == 1 and "publish_s" in steps[4]  # published after step 5
+    assert records[-1]["phase"] == "final" and records[-1]["draft_version"] == 7  # 6 periodic + 1 final
+    assert sum("eval_tau" in r for r in records) == 4  # before, at step 15, at step 30, final
+    draft = load_drafter(run / "draft", Target(tiny_model(), tiny_tokenizer(), [0, 1, 2]))
+    assert draft.cfg.kind == "dflash"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_training_job(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir . -- python -m launch.train ...`, as on a cluster."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    dashboard = "http://127.0.0.1:8265"
+    subprocess.run([bin_dir / "ray", "start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1"], check=True,
+                   env=env, capture_output=True)
+    try:
+        out_dir = tmp_path / "runs"
+        data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
+        runtime_env = json.dumps({"env_vars": {"DRAFT_OPD_DATA": str(os.environ.get("DRAFT_OPD_DATA", data))}})
+        job = subprocess.run(
+            [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
+             "--runtime-env-json", runtime_env, "--", "python", "-m", "launch.train", "configs/tiny.yaml",
+             *SHORT_RUN, f"train.out_dir={out_dir}"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+        summary = json.loads((out_dir / "tiny" / "summary.json").read_text())
+        assert summary["tau_after"] > summary["tau_before"]
+        assert (out_dir / "tiny" / "metrics.jsonl").read_text().count("\n") >= 30
+    finally:
+        subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True)
