@@ -36,6 +36,7 @@ class RolloutConfig:
     temperature: float = 0.0
     topk_logprobs: int = 0  # also store the target's top-k at draft positions
     store_features: bool = False  # store target features (fp16) so the learner needs no target copy
+    target_dtype: str | None = None  # the rollout target's dtype when it should differ from target.dtype
     threads: int = 1  # torch threads per actor
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
@@ -75,7 +76,7 @@ class RolloutWorker:
             torch.set_num_threads(rollout.threads)
         self.cfg, self.buffer = rollout, buffer
         self.actor_id = f"rollout-{actor_index}"
-        self.target = load_target(target)
+        self.target = load_target(replace(target, dtype=rollout.target_dtype) if rollout.target_dtype else target)
         self.drafter = make_drafter(draft if draft.path or draft.init else _random(draft), self.target)
         self.thinking = target.thinking
         self.version = 0

@@ -202,6 +202,12 @@ class ReplayBuffer:
             self._sampler.rng.bit_generator.state = state["rng"]
             self._cond.notify_all()
 
+    def release_inserts(self) -> None:
+        """The learner is done sampling: drop the sample-to-insert bound so no rollout stays blocked in insert."""
+        with self._cond:
+            self._limiter.samples_per_insert = None
+            self._cond.notify_all()
+
     def flush(self) -> None:
         """Seal the open segment so everything inserted so far survives a crash."""
         with self._cond:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,26 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     sm.add_argument("--force", action="store_true", help="convert again even if cached")
     args = parser.parse_args(argv)
 
-    from launch.config import ConfigError
-    from speculative.target import TargetNotFoundError
+    if args.command == "smol":
+        from speculative.testbeds import prepare_smol
 
-    try:
-        if args.command == "eval":
-            from launch.config import load_config
-            from launch.eval import run_eval
+        print(prepare_smol(force=args.force))
+    elif args.command == "eval":
+        from launch.eval import main as eval_main
 
-            run_eval(load_config(args.config, args.overrides))
-        elif args.command == "train":
-            from launch.config import load_config
-            from launch.train import train
+        eval_main([args.config, *args.overrides])
+    elif args.command == "train":
+        from launch.train import main as train_main
 
-            train(load_config(args.config, args.overrides))
-        elif args.command == "smol":
-            from speculative.testbeds import prepare_smol
-
-            print(prepare_smol(force=args.force))
-    except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"draft-opd {args.command}: error: {err}")
+        train_main([args.config, *args.overrides])
 
 
 if __name__ == "__main__":

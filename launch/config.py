@@ -8,8 +8,10 @@ key; `draft=PATH` is shorthand for `draft.path=PATH`.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -107,7 +109,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key)}; "
                           "see launch/config.py for the schema") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {getattr(err, 'full_key', '?')})") from None
+        key = getattr(err, "full_key", "?")
+        raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {key})") from None
     except ValueError as err:  # a dataclass's own validation
         raise ConfigError(f"bad config: {err}") from None
     check_data_keys(cfg)
@@ -125,3 +128,19 @@ def check_data_keys(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def job_main(job: Callable[[Config], Any], name: str, argv: list[str] | None = None) -> None:
+    """`python -m launch.<name> CONFIG [key=value ...]` (what `ray job submit` runs) and `draft-opd <name>`.
+
+    Bad input ends the process with one line naming the problem, not a traceback.
+    """
+    from speculative.target import TargetNotFoundError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit(f"usage: python -m launch.{name} CONFIG [key=value ...]")
+    try:
+        job(load_config(argv[0], argv[1:]))
+    except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"draft-opd {name}: error: {err}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from benchmarks.datasets import Conversation, load_benchmark
 from benchmarks.protocol import BenchmarkSummary, TurnResult, run_benchmark
-from launch.config import Config, load_config, to_yaml
+from launch.config import Config, job_main, to_yaml
 from speculative.decode import DecodeConfig, generate
 from speculative.drafter import make_drafter
 from speculative.target import load_target
@@ -92,10 +91,7 @@ def write_report(path: Path, cfg: Config, summaries: list[BenchmarkSummary],
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        sys.exit("usage: python -m launch.eval CONFIG [key=value ...]")
-    run_eval(load_config(argv[0], argv[1:]))
+    job_main(run_eval, "eval", argv)
 
 
 if __name__ == "__main__":

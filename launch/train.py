@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from collections import deque
 from dataclasses import replace
@@ -24,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from actors.rollout import start_rollout_actors
 from buffer import ReplayBufferActor
-from launch.config import Config, load_config, to_yaml
+from launch.config import Config, job_main, to_yaml
 from learner.engine import start_learners
 
 
@@ -73,12 +72,22 @@ class Run:
         self.rollout_tokens_per_s = 0.0
         self.pending = {a.run.remote(cfg.train.rollouts_per_call): a for a in self.actors}
         self.metrics = MetricsLog(self.dir / "metrics.jsonl")
+        self.eval_pending: tuple[int, ray.ObjectRef] | None = None
 
-    def evaluate(self) -> float:
+    def submit_evaluation(self) -> ray.ObjectRef:
+        """Held-out tau on rollout actor 0 (queued behind its rollouts), with the draft version it holds."""
         t = self.cfg.train
-        out = ray.get(self.actors[0].evaluate_tau.remote(t.eval_benchmark, t.eval_prompts, t.eval_max_new_tokens,
-                                                         self.cfg.data.get(t.eval_benchmark)))
-        return out["eval_tau"]
+        return self.actors[0].evaluate_tau.remote(t.eval_benchmark, t.eval_prompts, t.eval_max_new_tokens,
+                                                  self.cfg.data.get(t.eval_benchmark))
+
+    def log_evaluation(self, wait: bool) -> None:
+        """Write the pending periodic evaluation once it is done; never block training on it unless `wait`."""
+        if self.eval_pending is None:
+            return
+        step, ref = self.eval_pending
+        if wait or ray.wait([ref], timeout=0)[0]:
+            self.metrics.write({"step": step, "phase": "eval", **ray.get(ref)})
+            self.eval_pending = None
 
     def harvest_rollouts(self, wait_s: float = 0.0) -> None:
         """Collect finished rollout calls (waiting up to `wait_s` for one) and start the next ones."""
@@ -122,9 +131,10 @@ class Run:
                   **{k: v for k, v in results[0].items() if k not in ("loss", "tokens", "blocks")}}
         if (step + 1) % self.cfg.train.publish_every == 0:
             record["publish_s"] = self.publish()
-        if self.cfg.train.eval_every and (step + 1) % self.cfg.train.eval_every == 0:
-            record["eval_tau"] = self.evaluate()
         self.metrics.write(record)
+        self.log_evaluation(wait=False)
+        if self.cfg.train.eval_every and (step + 1) % self.cfg.train.eval_every == 0 and self.eval_pending is None:
+            self.eval_pending = (step + 1, self.submit_evaluation())
         return record
 
     def finish(self) -> Path:
@@ -144,7 +154,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     connect_ray(cfg)
     run = Run(cfg, console)
     console.print(f"run directory {run.dir}; measuring held-out tau of the initial draft ...")
-    tau_before = run.evaluate()
+    tau_before = ray.get(run.submit_evaluation())["eval_tau"]
     run.metrics.write({"step": 0, "phase": "init", "eval_tau": tau_before, "draft_version": 0})
     console.print(f"held-out tau before training: {tau_before:.3f}")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -156,11 +166,13 @@ def train(cfg: Config, console: Console | None = None) -> dict:
             tau = f"tau {record['tau']:.2f}" if record["tau"] else "tau -"
             progress.update(task, advance=1, description=f"train [{record['phase']}]",
                             status=f"loss {record['loss']:.3f}  {tau}  v{record['draft_version']}")
+    ray.get(run.buffer.release_inserts.remote())  # actors blocked on the ratio must finish their rollouts
+    run.log_evaluation(wait=True)
     run.publish()
-    tau_after = ray.get(run.actors[0].evaluate_tau.remote(
-        cfg.train.eval_benchmark, cfg.train.eval_prompts, cfg.train.eval_max_new_tokens,
-        cfg.data.get(cfg.train.eval_benchmark)))["eval_tau"]
-    run.metrics.write({"step": total, "phase": "final", "eval_tau": tau_after, "draft_version": run.version})
+    final = ray.get(run.submit_evaluation())  # queued behind the publish on that actor, so it sees the final weights
+    tau_after = final["eval_tau"]
+    run.metrics.write({"step": total, "phase": "final", "eval_tau": tau_after,
+                       "draft_version": final["draft_version"]})
     draft = run.finish()
     summary = {"tau_before": tau_before, "tau_after": tau_after, "steps": total, "draft": str(draft),
                "wall_s": time.perf_counter() - started}
@@ -171,10 +183,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        sys.exit("usage: python -m launch.train CONFIG [key=value ...]")
-    train(load_config(argv[0], argv[1:]))
+    job_main(train, "train", argv)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def topk_forward_kl(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Ten
     return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
 
 
+def topk_total_variation(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                         student_logp_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TV(p, q) with p the teacher's top-k renormalised (zero elsewhere): 1/2 (sum_topk |p - q| + 1 - sum_topk q).
+
+    Acceptance of a draft sample is 1 - TV(p, q), so this is the quantity speculative sampling pays for.
+    """
+    p = torch.softmax(teacher_topk_logp.float(), dim=-1)
+    q = student_logp_full.gather(-1, teacher_topk_ids.long()).exp()
+    tv = 0.5 * ((p - q).abs().sum(-1) + (1 - q.sum(-1)).clamp_min(0))
+    return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())
+
+
 def reverse_kl_full(teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
                     ) -> torch.Tensor:
     """Exact reverse KL(q || p) from full distributions [N, W, V]."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from buffer import SampleBatch
-from learner.losses import dflash_sft_loss, draft_opd_loss
+from learner.losses import dflash_sft_loss, draft_opd_loss, topk_forward_kl, topk_total_variation
 from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
 
 
@@ -23,6 +23,7 @@ class ObjectiveConfig:
     opd_decay: float = 0.9  # rejected-stream weight decay^(offset-1); the GSM8K script used 0.8
     sft_gamma: float = 7.0  # DFlash position weight exp(-(k-1)/gamma)
     eagle_decay: float = 0.8  # EAGLE-3 step weight decay^i
+    opd_variant: str = "k3"  # k3: the paper's sampled estimators; topk: exact forward KL + TV from stored top-k
 
 
 def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,9 +64,25 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
 def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
              ) -> dict[str, torch.Tensor]:
     terms = replay(model, batch, features)
+    if cfg.opd_variant == "topk":
+        return topk_opd_loss(terms, batch)
+    if cfg.opd_variant != "k3":
+        raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
     return draft_opd_loss(terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
                           terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask,
                           decay=cfg.opd_decay)
+
+
+def topk_opd_loss(terms, batch: SampleBatch) -> dict[str, torch.Tensor]:
+    """Beyond the paper: exact forward KL on the response stream and TV on the rejected stream, from the
+    teacher's top-k at every draft position (needs rollout.topk_logprobs > 0)."""
+    if batch.topk_ids is None:
+        raise ValueError("objective.opd_variant=topk needs the teacher's top-k in the buffer: "
+                         "set rollout.topk_logprobs (e.g. 20) and buffer.topk to the same k")
+    ids, logp = torch.from_numpy(batch.topk_ids.astype(np.int64)), torch.tensor(batch.topk_logprobs)
+    resp = topk_forward_kl(logp, ids, terms.student_logp, terms.committed_mask)
+    rej = topk_total_variation(logp, ids, terms.student_logp, terms.rejected_mask)
+    return {"loss": resp + rej, "resp_kl": resp, "rej_tv": rej}
 
 
 def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,

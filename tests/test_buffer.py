@@ -344,6 +344,18 @@ def test_blocked_insert_resumes_when_the_learner_samples():
     assert result["value"] == 1 and "c" in buf
 
 
+def test_released_inserts_no_longer_wait_for_the_learner():
+    buf = ReplayBuffer(BufferConfig(samples_per_insert=4, ratio_tolerance=4))
+    buf.insert(make_traj("a", [1]))
+    buf.insert(make_traj("b", [1]))
+    thread, result = _run_in_thread(lambda: buf.insert(make_traj("c", [1]), timeout_s=10))
+    time.sleep(0.3)
+    assert thread.is_alive()
+    buf.release_inserts()
+    thread.join(5)
+    assert result["value"] == 1 and buf.insert(make_traj("d", [1]), timeout_s=0.1) == 1
+
+
 def test_blocked_sample_resumes_when_an_actor_inserts():
     buf = ReplayBuffer(BufferConfig(min_size_to_sample=2))
     buf.insert(make_traj("a", [1]))

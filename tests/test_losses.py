@@ -14,7 +14,8 @@ def test_bernoulli_forward_kl_by_hand():
     expected = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
     got = bernoulli_forward_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)]))
     assert got.item() == pytest.approx(expected, rel=1e-5)
-    assert bernoulli_forward_kl(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.3)])).item() == pytest.approx(0, abs=1e-7)
+    same = torch.tensor([math.log(0.3)])
+    assert bernoulli_forward_kl(same, same).item() == pytest.approx(0, abs=1e-7)
 
 
 def test_k3_by_hand_and_the_log_prob_floor():
@@ -105,3 +106,14 @@ def test_exact_divergences_by_hand():
     topk = torch.tensor([[[math.log(0.5), math.log(0.3)]]])
     expected = 5 / 8 * math.log((5 / 8) / 0.2) + 3 / 8 * math.log((3 / 8) / 0.2)
     assert topk_forward_kl(topk, ids, lq, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_topk_total_variation_by_hand():
+    from learner.losses import topk_total_variation
+
+    # teacher top-2 = tokens 0, 2 with probs 0.6, 0.2 -> renormalised 0.75, 0.25; student q = [0.5, 0.3, 0.2]
+    ids = torch.tensor([[[0, 2]]])
+    topk = torch.tensor([[[math.log(0.6), math.log(0.2)]]])
+    lq = torch.tensor([[[0.5, 0.3, 0.2]]]).log()
+    expected = 0.5 * (abs(0.75 - 0.5) + abs(0.25 - 0.2) + 0.3)
+    assert topk_total_variation(topk, ids, lq, torch.ones(1, 1)).item() == pytest.approx(expected, rel=1e-5)

@@ -13,12 +13,12 @@ from speculative.target import TargetConfig
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 
-def rollouts(kind: str, n: int = 6):
+def rollouts(kind: str, n: int = 6, topk: int = 0):
     draft = DraftSpec(kind=kind, block_size=5, num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS,
                       mask_token_id=TINY_MASK, init="random")
-    buffer = ReplayBuffer(BufferConfig())
-    worker = RolloutWorker(TargetConfig(testbed="tiny"), draft, RolloutConfig(num_prompts=n, max_new_tokens=32),
-                           0, buffer)
+    buffer = ReplayBuffer(BufferConfig(topk=topk))
+    worker = RolloutWorker(TargetConfig(testbed="tiny"), draft,
+                           RolloutConfig(num_prompts=n, max_new_tokens=32, topk_logprobs=topk), 0, buffer)
     worker.run(n)
     return worker, buffer
 
@@ -69,3 +69,21 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind, phase):
         optimizer.step()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_topk_variant_learns_and_needs_stored_topk():
+    worker, buffer = rollouts("dflash", 4, topk=8)
+    batch, features = buffer.sample(16), target_features(worker.target)
+    cfg = ObjectiveConfig(opd_variant="topk")
+    optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = phase_loss("opd", worker.drafter, batch, features, cfg, np.random.default_rng(0))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    plain_worker, plain_buffer = rollouts("dflash", 2)
+    with pytest.raises(ValueError, match="rollout.topk_logprobs"):
+        phase_loss("opd", plain_worker.drafter, plain_buffer.sample(4), features, cfg, np.random.default_rng(0))
