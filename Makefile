@@ -33,8 +33,8 @@ eval-smol: smol
 		draft=runs/smol/draft eval.out=runs/eval-smol.json
 
 ray-up: setup
-	$(BIN)/ray start --head --dashboard-host=127.0.0.1
-	@echo "submit with: RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
+	PATH=$(CURDIR)/$(BIN):$$PATH RAY_AUTH_MODE=token $(BIN)/ray start --head --dashboard-host=127.0.0.1
+	@echo "submit with: RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
 
 ray-down:
 	$(BIN)/ray stop

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,18 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
 def test_ray_job_submit_runs_the_training_job(tmp_path):
     """`ray start --head` + `ray job submit --working-dir . -- python -m launch.train ...`, as on a cluster."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's dashboard API wants the token of ~/.ray/auth_token
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # job drivers run the cluster's `python`
     dashboard = "http://127.0.0.1:8265"
     subprocess.run([bin_dir / "ray", "start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1"], check=True,
                    env=env, capture_output=True)
     try:
+        for _ in range(60):  # the job server comes up a few seconds after `ray start` returns
+            if subprocess.run([bin_dir / "ray", "job", "list", "--address", dashboard], env=env,
+                              capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
         out_dir = tmp_path / "runs"
         data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
         runtime_env = json.dumps({"env_vars": {"DRAFT_OPD_DATA": str(os.environ.get("DRAFT_OPD_DATA", data))}})
