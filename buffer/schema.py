@@ -291,13 +291,21 @@ def _drafts_agree(tokens: np.ndarray, start: np.ndarray, room: np.ndarray, accep
     return ok & (np.bincount(step[wrong], minlength=len(accept)) == 0)
 
 
+def _optional_pair(batch: pa.RecordBatch, check: _Checker, lead: str, partner: str) -> np.ndarray | None:
+    """Rows where the optional column `lead` is present (None if in none); `partner` must be present with it."""
+    a, b = batch.column(lead), batch.column(partner)
+    if a.null_count == b.null_count == len(a):
+        return None
+    present = a.is_valid().to_numpy(zero_copy_only=False)
+    check.rows(present == b.is_valid().to_numpy(zero_copy_only=False), partner, f"must be given exactly when {lead} is")
+    return present
+
+
 def _validate_topk(batch: pa.RecordBatch, check: _Checker, n_steps: np.ndarray, n_draft: np.ndarray) -> None:
-    ids, logprobs = batch.column("topk_ids"), batch.column("topk_logprobs")
-    if ids.null_count == logprobs.null_count == len(ids):
+    present = _optional_pair(batch, check, "topk_ids", "topk_logprobs")
+    if present is None:
         return
-    present = ids.is_valid().to_numpy(zero_copy_only=False)
-    check.rows(present == logprobs.is_valid().to_numpy(zero_copy_only=False), "topk_logprobs",
-               "must be given exactly when topk_ids is")
+    ids, logprobs = batch.column("topk_ids"), batch.column("topk_logprobs")
     outer_off, steps = ragged(ids)
     check.rows(np.where(present, diff(outer_off), n_steps) == n_steps, "topk_ids",
                "must have one entry per verify step")
@@ -323,12 +331,10 @@ def _offset_levels(arr: pa.Array) -> list[np.ndarray]:
 
 
 def _validate_features(batch: pa.RecordBatch, check: _Checker, length: np.ndarray) -> None:
-    blobs, dims = batch.column("features"), batch.column("feature_dim")
-    if blobs.null_count == dims.null_count == len(blobs):
+    present = _optional_pair(batch, check, "features", "feature_dim")
+    if present is None:
         return
-    present = blobs.is_valid().to_numpy(zero_copy_only=False)
-    check.rows(present == dims.is_valid().to_numpy(zero_copy_only=False), "feature_dim",
-               "must be given exactly when features is")
+    blobs, dims = batch.column("features"), batch.column("feature_dim")
     size = pc.binary_length(blobs).fill_null(0).to_numpy()
     dim = dims.fill_null(0).to_numpy().astype(np.int64)
     check.rows(~present | (dim > 0), "feature_dim", "must be positive")

@@ -167,7 +167,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def _missing_target(source: str, cause: Exception) -> TargetNotFoundError:
     return TargetNotFoundError(
-        f"cannot load target {source!r}: {cause.__class__.__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        f"cannot load target {source!r}: {cause.__class__.__name__}: {(str(cause).splitlines() or [''])[0]}\n"
         "Fix: set target.path to a local model directory (config.json + weights), a .gguf file, or a hub id "
         "that is cached or reachable (HF_HUB_OFFLINE=1 uses the local cache only); for the built-in testbeds "
         "set target.testbed=tiny or target.testbed=smol (prepare smol once with `make smol`).")
