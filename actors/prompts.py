@@ -43,8 +43,13 @@ class PromptPool:
             raise ValueError(f"{len(self.conversations)} prompts cannot feed {self.num_shards} actors; "
                              "lower rollout.num_actors or add prompts")
 
+    def peek(self) -> tuple[int, Conversation]:
+        """(epoch, conversation) of the next prompt, without taking it."""
+        epoch, i = divmod(self.position, len(self.indices))
+        return epoch, self.conversations[self.indices[i]]
+
     def next(self) -> tuple[int, Conversation]:
         """(epoch, conversation) of the next prompt."""
-        epoch, i = divmod(self.position, len(self.indices))
+        taken = self.peek()
         self.position += 1
-        return epoch, self.conversations[self.indices[i]]
+        return taken

@@ -59,6 +59,18 @@ def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_vers
         features=features)
 
 
+def trajectory_id(epoch: int, conv) -> str:
+    """A prompt's trajectory in one epoch of the stream: the idempotency key of buffer inserts."""
+    return f"{conv.benchmark}/{conv.id}@{epoch}"
+
+
+def acceptance_by_position(accept_len: list[int], proposals: int) -> list[float]:
+    """Share of verify steps whose draft token at block position j (1-based) was accepted."""
+    if not accept_len:
+        return [0.0] * proposals
+    return [sum(a >= j for a in accept_len) / len(accept_len) for j in range(1, proposals + 1)]
+
+
 def insert(buffer, trajectory: Trajectory) -> int:
     """Insert into a local ReplayBuffer or a Ray buffer actor alike."""
     batch = trajectory.to_record_batch()
@@ -85,25 +97,49 @@ class RolloutWorker:
                                    topk_logprobs=rollout.topk_logprobs, keep_features=rollout.store_features)
 
     def rollout(self) -> Trajectory:
-        """One trajectory from the next prompt (its first user turn)."""
-        epoch, conv = self.pool.next()
-        prompt_id = f"{conv.benchmark}/{conv.id}"
-        prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
-        cfg = replace(self.decode, seed=zlib.crc32(f"{prompt_id}@{epoch}".encode()))  # same on every retry
-        result = generate(self.target, prompt, self.drafter, cfg)
-        return to_trajectory(result, f"{prompt_id}@{epoch}", prompt_id, self.version, self.actor_id)
+        """One trajectory from the next prompt that fits the target's context (its first user turn).
+
+        A prompt too long for prompt + rollout.max_new_tokens is skipped with a warning, so one long
+        row cannot stop training; a whole pass over this actor's prompts with none that fits is an
+        error rather than an endless loop.
+        """
+        for _ in range(len(self.pool.indices)):
+            epoch, conv = self.pool.next()
+            traj_id = trajectory_id(epoch, conv)
+            result = self._decode_if_fits(conv.turns[0], traj_id)
+            if result is not None:
+                return to_trajectory(result, traj_id, f"{conv.benchmark}/{conv.id}", self.version, self.actor_id)
+        raise ValueError(f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from rollout.prompts="
+                         f"{self.cfg.prompts} fits the target's context with rollout.max_new_tokens="
+                         f"{self.cfg.max_new_tokens}; lower rollout.max_new_tokens or use shorter prompts")
+
+    def _decode_if_fits(self, user_turn: str, traj_id: str) -> DecodeResult | None:
+        """The turn's decode, or None with a warning when prompt + max_new_tokens exceed the target's context."""
+        import warnings
+
+        from speculative.decode import ContextTooLongError
+
+        prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": user_turn}], self.thinking)
+        cfg = replace(self.decode, seed=zlib.crc32(traj_id.encode()))  # same on every retry
+        try:
+            return generate(self.target, prompt, self.drafter, cfg)
+        except ContextTooLongError as err:
+            warnings.warn(f"{self.actor_id}: skipped prompt {traj_id}: {err.problem}; to keep it, lower "
+                          "rollout.max_new_tokens", stacklevel=2)
+            return None
 
     def run(self, num_trajectories: int) -> dict[str, float]:
         """Roll out and insert `num_trajectories`; returns tau and throughput of this batch of work."""
-        start, taus, tokens = time.perf_counter(), [], 0
+        start, accepted, tokens = time.perf_counter(), [], 0
         for _ in range(num_trajectories):
             traj = self.rollout()
             insert(self.buffer, traj)
-            taus += [a + 1 for a in traj.accept_len]
+            accepted += traj.accept_len
             tokens += len(traj.input_ids) - traj.prompt_len
         elapsed = time.perf_counter() - start
         return {"actor": self.actor_id, "draft_version": self.version, "trajectories": num_trajectories,
-                "tau": statistics.fmean(taus) if taus else 1.0, "tokens_per_s": tokens / elapsed,
+                "tau": statistics.fmean(accepted) + 1 if accepted else 1.0, "tokens_per_s": tokens / elapsed,
+                "acceptance_by_position": acceptance_by_position(accepted, self.drafter.cfg.block_size - 1),
                 "prompt_position": self.pool.position}
 
     def evaluate_tau(self, benchmark: str, num_prompts: int, max_new_tokens: int, path: str | None = None
@@ -128,6 +164,18 @@ class RolloutWorker:
 
     def draft_version(self) -> int:
         return self.version
+
+    def restore(self, position: int, present: list[str]) -> int:
+        """Continue the prompt stream at `position`, past prompts whose trajectories are in `present`.
+
+        After a restart the buffer may already hold trajectories rolled out after the checkpoint
+        that recorded `position`; skipping those means no prompt is repeated and none skipped.
+        """
+        held = set(present)
+        self.pool.position = position
+        while trajectory_id(*self.pool.peek()) in held:
+            self.pool.position += 1
+        return self.pool.position
 
     def proposals(self, prompt: list[int], n: int) -> list[int]:
         """The draft's first block of proposals for a prompt (to see published weights take effect)."""

@@ -152,13 +152,21 @@ class _Row:
         return str(value)
 
 
+_FORMAT = "a prompt file holds JSON Lines (one JSON object per line) or one JSON list of objects"
+"""What a prompt file must hold: the fix that format errors name."""
+
+
 def _read_rows(path: Path) -> list[_Row]:
     """All rows of a prompt file, in file order.
 
     JSON Lines and one JSON list are told apart by content (a list starts with `[`), since
     public copies of these sets come both ways and are not always named by their format.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptFormatError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+                                f"{_FORMAT} (convert Parquet/Arrow/CSV files to JSON Lines first)") from None
     if not text.strip():
         raise PromptFormatError(f"{path}: file is empty; expected JSON Lines or a JSON list")
     is_list = text.lstrip().startswith("[")
@@ -177,7 +185,7 @@ def _json_list_items(path: Path, text: str) -> list[tuple[str, Any]]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
-        raise PromptFormatError(f"{path}, line {err.lineno}: malformed JSON ({err.msg})") from None
+        raise PromptFormatError(f"{path}, line {err.lineno}: malformed JSON ({err.msg}); {_FORMAT}") from None
     return [(f"{path}, row {number}", item) for number, item in enumerate(items, start=1)]
 
 
@@ -190,7 +198,8 @@ def _json_lines_items(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             items.append((f"{path}, line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise PromptFormatError(f"{path}, line {number}: malformed JSON ({err.msg})") from None
+            raise PromptFormatError(f"{path}, line {number}: malformed JSON ({err.msg}); fix or delete that line "
+                                    f"({_FORMAT})") from None
     return items
 
 

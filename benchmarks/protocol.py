@@ -15,7 +15,7 @@ from typing import Callable
 
 from benchmarks.chat import render_prompt
 from benchmarks.datasets import Conversation
-from speculative.decode import DecodeConfig, DecodeResult, generate
+from speculative.decode import ContextTooLongError, DecodeConfig, DecodeResult, block_size_of, check_context, generate
 from speculative.drafter import Drafter
 from speculative.target import Target
 
@@ -75,6 +75,26 @@ def decode_turn(target: Target, drafter: Drafter | None, prompt: list[int], cfg:
     return plain, spec
 
 
+def check_turn_fits(target: Target, drafter: Drafter | None, conv: Conversation, turn: int, prompt: list[int],
+                    cfg: DecodeConfig) -> None:
+    """A turn too long for the target's context is an error naming the prompt: skipping it or cutting its
+    output short would silently change what the benchmark measures."""
+    try:
+        check_context(target, len(prompt), cfg.max_new_tokens, block_size_of(drafter, cfg))
+    except ContextTooLongError as err:
+        raise ContextTooLongError(f"{conv.benchmark}/{conv.id}, turn {turn + 1}: {err.problem}",
+                                  f"lower eval.max_new_tokens, or leave this prompt out (data.{conv.benchmark}=PATH "
+                                  "to a copy without it)") from None
+
+
+def check_first_turns_fit(target: Target, drafter: Drafter | None, conversations: list[Conversation],
+                          cfg: DecodeConfig, thinking: bool) -> None:
+    """Fail before any decoding; later turns hold the target's answers, so they are checked as they come."""
+    for conv in conversations:
+        prompt = render_prompt(target.tokenizer, [{"role": "user", "content": conv.turns[0]}], thinking)
+        check_turn_fits(target, drafter, conv, 0, prompt, cfg)
+
+
 def run_conversation(target: Target, drafter: Drafter | None, conv: Conversation, cfg: DecodeConfig,
                      thinking: bool) -> list[TurnResult]:
     messages: list[dict[str, str]] = []
@@ -82,6 +102,7 @@ def run_conversation(target: Target, drafter: Drafter | None, conv: Conversation
     for i, turn in enumerate(conv.turns):
         messages.append({"role": "user", "content": turn})
         prompt = render_prompt(target.tokenizer, messages, thinking)
+        check_turn_fits(target, drafter, conv, i, prompt, cfg)
         plain, spec = decode_turn(target, drafter, prompt, cfg)
         lossless = spec is None or cfg.temperature > 0 or spec.tokens == plain.tokens
         results.append(TurnResult(

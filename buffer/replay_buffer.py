@@ -183,6 +183,11 @@ class ReplayBuffer:
     def __contains__(self, traj_id: str) -> bool:
         return traj_id in self._store
 
+    def traj_ids(self) -> list[str]:
+        """Every traj_id inserted or loaded so far, evicted ones included (what a resumed rollout skips)."""
+        with self._cond:
+            return sorted(self._seen)
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"size": len(self._store), "capacity": self.config.capacity, "inserted": self._limiter.inserted,

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import difflib
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from actors.prompts import load_prompts
 from actors.rollout import RolloutConfig
 from benchmarks.datasets import benchmark_names
-from buffer import BufferConfig
-from learner.engine import LearnerConfig
+from buffer import BufferConfig, ReplayBuffer
+from learner.engine import LearnerConfig, deepspeed_config
 from learner.objective import ObjectiveConfig
 from speculative.drafter import DraftSpec
 from speculative.target import TargetConfig
@@ -27,6 +28,14 @@ from speculative.target import TargetConfig
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def at_least(section: str, values: object, **minimums: float) -> None:
+    """Refuse the first `section.key` below its minimum: such values would not fail, only mislead (None: unset)."""
+    for key, low in minimums.items():
+        value = getattr(values, key)
+        if value is not None and value < low:
+            raise ValueError(f"{section}.{key} must be >= {low:g} (got {value})")
 
 
 @dataclass
@@ -37,6 +46,9 @@ class EvalSection:
     temperature: float = 0.0
     warmup_tokens: int = 16  # one short untimed decode first, so lazy init does not count
     out: str | None = None  # JSON report path
+
+    def __post_init__(self) -> None:
+        at_least("eval", self, num_prompts=1, max_new_tokens=1, temperature=0, warmup_tokens=0)
 
 
 @dataclass
@@ -50,11 +62,21 @@ class TrainSection:
     eval_max_new_tokens: int = 64
     eval_every: int = 0  # learner steps between held-out evaluations; 0: before and after only
     out_dir: str = "runs"  # the run directory is out_dir/name
+    checkpoint_every: int = 100  # learner steps between checkpoints; 0: none
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    wait_retries: int = 2  # a learner step or publish past learner.timeout_s is reported and waited on again
+    max_learner_restarts: int = 3  # learner ranks that die or hang are replaced and resume from a checkpoint
+
+    def __post_init__(self) -> None:
+        at_least("train", self, sft_steps=0, opd_steps=0, publish_every=1, rollouts_per_call=1, eval_prompts=1,
+                 eval_max_new_tokens=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, wait_retries=0,
+                 max_learner_restarts=0)
 
 
 @dataclass
 class Config:
     name: str = "run"
+    resume: str = "never"  # auto: continue from the run directory's latest checkpoint, if any
     threads: int = 0  # torch intra-op threads; 0 = all cores
     target: TargetConfig = field(default_factory=TargetConfig)
     draft: DraftSpec = field(default_factory=DraftSpec)
@@ -65,6 +87,10 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("never", "auto"):
+            raise ValueError(f"resume={self.resume!r}: use auto (continue from the latest checkpoint) or never")
 
 
 def _key_paths(cls, prefix: str = "") -> list[str]:
@@ -104,6 +130,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         layers.append(OmegaConf.from_dotlist(_normalise(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
+        check_sections(cfg)
     except ConfigKeyError as err:
         key = str(getattr(err, "full_key", "") or "")
         raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key)}; "
@@ -113,17 +140,61 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {key})") from None
     except ValueError as err:  # a dataclass's own validation
         raise ConfigError(f"bad config: {err}") from None
-    check_data_keys(cfg)
+    check_benchmarks(cfg)
+    check_rollout_prompts(cfg.rollout)
     return cfg
 
 
-def check_data_keys(cfg: Config) -> None:
+def check_sections(cfg: Config) -> None:
+    """Impossible values of the sections whose dataclasses live with their code and do not check them.
+
+    The buffer validates its settings when it is built: building an in-memory one here makes a bad
+    value fail at load, not later inside the buffer's Ray actor.
+    """
+    at_least("rollout", cfg.rollout, num_actors=1, num_prompts=1, max_new_tokens=1, temperature=0, topk_logprobs=0,
+             threads=0, num_cpus=0, num_gpus=0)
+    at_least("learner", cfg.learner, world_size=1, batch_size=1, warmup_steps=0, threads=0, num_cpus=0, num_gpus=0)
+    deepspeed_config(cfg.learner)  # zero_stage, dtype
+    try:
+        ReplayBuffer(replace(cfg.buffer, dir=None))
+    except ValueError as err:
+        raise ValueError(f"buffer: {err}") from None
+
+
+def _unknown_benchmark(key: str, name: str, suggest: str = "{!r}") -> ConfigError:
+    known = benchmark_names()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {suggest.format(close[0])}?)" if close else ""
+    return ConfigError(f"{key}: no benchmark named {name!r}{hint}; known: {', '.join(known)}")
+
+
+def check_benchmarks(cfg: Config) -> None:
+    """Benchmark names are checked at load, not minutes later when the job first reads prompts."""
     known = benchmark_names()
     for name in cfg.data:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean data.{close[0]}?)" if close else ""
-            raise ConfigError(f"data.{name}: no benchmark named {name!r}{hint}; known: {', '.join(known)}")
+            raise _unknown_benchmark(f"data.{name}", name, suggest="data.{}")
+    named = [("eval.benchmarks", n) for n in cfg.eval.benchmarks] + [("train.eval_benchmark", cfg.train.eval_benchmark)]
+    for key, name in named:
+        if name not in known:
+            raise _unknown_benchmark(key, name)
+
+
+def check_rollout_prompts(rollout: RolloutConfig) -> None:
+    """A prompt file for the rollout actors is read at load, so that a bad one fails here in one line and not
+    in every actor's constructor; it must hold a prompt for each actor."""
+    if rollout.prompts in benchmark_names():
+        count = rollout.num_prompts
+    elif Path(rollout.prompts).suffix in (".json", ".jsonl"):
+        try:
+            count = len(load_prompts(rollout.prompts, rollout.num_prompts))
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"rollout.prompts: {err}") from None
+    else:
+        raise ConfigError(f"{_unknown_benchmark('rollout.prompts', rollout.prompts)}; or give a .json/.jsonl file")
+    if count is not None and count < rollout.num_actors:
+        raise ConfigError(f"rollout.prompts: {count} prompts cannot feed rollout.num_actors={rollout.num_actors} "
+                          "actors; lower rollout.num_actors or add prompts")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -143,4 +214,13 @@ def job_main(job: Callable[[Config], Any], name: str, argv: list[str] | None = N
     try:
         job(load_config(argv[0], argv[1:]))
     except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"draft-opd {name}: error: {err}")
+        sys.exit(f"draft-opd {name}: error: {one_line(err)}")
+
+
+def one_line(err: BaseException) -> str:
+    """`err`'s message on one line; an error raised inside a Ray actor by its own message, not Ray's traceback."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
+        err = err.cause
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())

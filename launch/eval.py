@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from benchmarks.datasets import Conversation, load_benchmark
-from benchmarks.protocol import BenchmarkSummary, TurnResult, run_benchmark
+from benchmarks.protocol import BenchmarkSummary, TurnResult, check_first_turns_fit, run_benchmark
 from launch.config import Config, job_main, to_yaml
 from speculative.decode import DecodeConfig, generate
 from speculative.drafter import make_drafter
@@ -53,6 +53,8 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
     drafter = make_drafter(cfg.draft, target)
     decode = DecodeConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
                           block_size=None, seed=cfg.draft.seed)
+    for convs in sets.values():  # a prompt too long for the context fails now, not after minutes of decoding
+        check_first_turns_fit(target, drafter, convs, decode, cfg.target.thinking)
     label = f"{drafter.cfg.kind} block {drafter.cfg.block_size}" if drafter else "plain decoding only"
     if cfg.eval.warmup_tokens:
         generate(target, [0, 1, 2], drafter, DecodeConfig(max_new_tokens=cfg.eval.warmup_tokens, stop_token_ids=[]))

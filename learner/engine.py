@@ -96,7 +96,6 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(model=drafter, model_parameters=list(drafter.parameters()),
                                                config=deepspeed_config(cfg))
         self.features = target_features(self.target)
-        self.rng = np.random.default_rng(cfg.seed + 1000 * rank)
         self.steps = 0
 
     @property
@@ -106,7 +105,8 @@ class Learner:
     def train_step(self, phase: str, batch) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's share); gradients are averaged across ranks."""
         start = time.perf_counter()
-        out = phase_loss(phase, self.engine, batch, self.features, self.objective, self.rng)
+        rng = np.random.default_rng((self.cfg.seed, self.rank, self.steps))  # a resumed run draws the same
+        out = phase_loss(phase, self.engine, batch, self.features, self.objective, rng)
         self.engine.backward(out["loss"])
         self.engine.step()
         self.steps += 1
@@ -118,7 +118,21 @@ class Learner:
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""
         batch = ray.get(self.buffer.sample.remote(self.cfg.batch_size, learner_version), timeout=self.cfg.timeout_s)
-        return self.train_step(phase, batch)
+        metrics = self.train_step(phase, batch)
+        metrics["staleness"] = float(np.mean(learner_version - batch.draft_version[batch.traj_index]))
+        return metrics
+
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler, ZeRO shards); every rank must call."""
+        self.engine.save_checkpoint(directory, tag="learner", client_state={"steps": self.steps})
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore a `save_checkpoint`; returns the steps done."""
+        path, client = self.engine.load_checkpoint(directory, tag="learner")
+        if path is None:
+            raise FileNotFoundError(f"no learner checkpoint in {directory}/learner")
+        self.steps = int(client["steps"])
+        return self.steps
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:
         """The complete draft weights (fp32, CPU) on rank 0; every rank must call (ZeRO-3 gathers)."""

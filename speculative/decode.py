@@ -28,6 +28,13 @@ class DecodeConfig:
     stop_token_ids: list[int] | None = None  # None: the target's EOS tokens
     keep_features: bool = False  # return the target features of every position (for the replay buffer)
 
+    def __post_init__(self) -> None:
+        # max_new_tokens 0 would still commit the prefill's token, a negative T would silently mean greedy
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (got {self.temperature}); 0 is greedy decoding")
+
 
 @dataclass
 class StepRecord:
@@ -81,13 +88,26 @@ class TokenPicker:
         return torch.multinomial(probs, 1, generator=self.generator).view(-1)
 
 
+class ContextTooLongError(ValueError):
+    """Prompt + max_new_tokens do not fit the target's context; callers may skip the prompt or name their own fix."""
+
+    def __init__(self, problem: str, fix: str = "lower max_new_tokens or shorten the prompt"):
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+
+
+def block_size_of(drafter: Drafter | None, cfg: DecodeConfig) -> int:
+    """The verify block `generate` uses: 1 without a drafter, else the config's or the drafter's own."""
+    return 1 if drafter is None else (cfg.block_size or drafter.cfg.block_size)
+
+
 def check_context(target: Target, prompt_len: int, max_new_tokens: int, block_size: int) -> None:
+    """Refuse up front: positions past the target's context would decode, but to garbage."""
     limit = int(getattr(target.config, "max_position_embeddings", 0) or 0)
     need = prompt_len + max_new_tokens + block_size
     if limit and need > limit:
-        raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ block {block_size}) "
-                         f"exceeds the target's context of {limit} positions; shorten the prompt or lower "
-                         "max_new_tokens")
+        raise ContextTooLongError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ block "
+                                  f"{block_size}) exceeds the target's context of {limit} positions")
 
 
 def _step_record(anchor: int, draft: torch.Tensor, accepted: int, logp: torch.Tensor, topk: int) -> StepRecord:
@@ -106,7 +126,7 @@ def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter 
              cfg: DecodeConfig | None = None) -> DecodeResult:
     """Decode one prompt; token-identical to plain greedy decoding at T = 0, distribution-exact at T > 0."""
     cfg = cfg or DecodeConfig()
-    block = 1 if drafter is None else (cfg.block_size or drafter.cfg.block_size)
+    block = block_size_of(drafter, cfg)
     prompt_ids = torch.as_tensor(prompt, dtype=torch.long, device=target.device).view(-1)
     if prompt_ids.numel() == 0:
         raise ValueError("empty prompt: at least one token is needed to start decoding")

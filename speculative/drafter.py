@@ -45,11 +45,11 @@ class DrafterConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("dflash", "eagle3"):
-            raise ValueError(f"unknown drafter kind {self.kind!r}; use dflash or eagle3")
+            raise ValueError(f"unknown drafter kind {self.kind!r} (draft.kind); use dflash or eagle3")
         if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1 (got {self.block_size}); 1 means plain decoding")
+            raise ValueError(f"draft.block_size must be >= 1 (got {self.block_size}); 1 means plain decoding")
         if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1 (got {self.num_layers})")
+            raise ValueError(f"draft.num_layers must be >= 1 (got {self.num_layers})")
 
 
 def default_layer_ids(kind: str, num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -160,6 +160,9 @@ def build_drafter(cfg: DrafterConfig, target, seed: int = 0) -> Drafter:
     cfg = complete_config(cfg, target.config)
     if cfg.kind == "dflash" and cfg.mask_token_id is None:
         raise ValueError("a dflash drafter needs draft.mask_token_id (a token id the target never emits)")
+    if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
+        raise ValueError(f"draft.mask_token_id={cfg.mask_token_id} is not a token of this target "
+                         f"(vocab {cfg.vocab_size}); use an id the target never emits, e.g. an unused special token")
     torch.manual_seed(seed)
     drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
     return drafter.to(target.dtype).eval()
@@ -202,5 +205,9 @@ def make_drafter(spec: DraftSpec, target) -> Drafter | None:
         return None
     else:
         raise ValueError(f"unknown draft.init {spec.init!r}; use draft.init=random or draft.path=DIR")
-    target.set_feature_layers(drafter.cfg.target_layer_ids)
+    try:
+        target.set_feature_layers(drafter.cfg.target_layer_ids)
+    except ValueError as err:  # knowable only now, with the target's depth at hand
+        source = f"the drafter at {spec.path} (built for a deeper target?)" if spec.path else "draft.target_layer_ids"
+        raise ValueError(f"{source}: {err}") from None
     return drafter

@@ -1,17 +1,22 @@
 """The training job end to end on the tiny target through a real local Ray cluster."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.config import load_config
 from launch.train import train
+from learner.engine import free_port
 from speculative.drafter import load_drafter
 from speculative.target import Target
 from speculative.testbeds import tiny_model, tiny_tokenizer
@@ -23,13 +28,44 @@ SHORT_RUN = ["train.sft_steps=20", "train.opd_steps=10", "train.publish_every=5"
              "buffer.samples_per_insert=16", "buffer.ratio_tolerance=64"]
 
 
+def scrape_gauges(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of one metric on a Prometheus text endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name]
+
+
 def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
+    """Also: the tau gauge is live on the cluster's Prometheus endpoint during the run, and the run dir
+    holds a TensorBoard event file with the same scalars."""
     cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}"])
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    scraped, done = [], threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                scraped.extend(scrape_gauges(f"http://127.0.0.1:{port}/metrics", "ray_draft_opd_tau"))
+            time.sleep(1)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
     try:
         summary = train(cfg)
     finally:
+        done.set()
+        scraper.join()
         ray.shutdown()
     assert summary["tau_after"] > summary["tau_before"] + 0.1, summary
+    taus = [value for labels, value in scraped if labels.get("actor") == "rollout-0" and labels.get("run") == "tiny"]
+    assert taus and all(value >= 1.0 for value in taus), scraped[:5]
+    events = EventAccumulator(str(tmp_path / "tiny" / "tensorboard")).Reload()
+    assert {"tau/rollout-0", "loss/loss", "eval_tau/gsm8k_train", "acceptance_rate/1"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss/loss")] == list(range(1, 31))
     run = tmp_path / "tiny"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["phase"] in ("sft", "opd")]

@@ -1,0 +1,142 @@
+"""Faults, for real: SIGKILL / SIGSTOP of rollout and learner processes and of the whole job, on the tiny target.
+
+Processes are found by the title Ray gives its workers (`ray::RolloutWorker...`, `ray::Learner...`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+
+from actors.prompts import PromptPool, load_prompts
+from actors.rollout import trajectory_id
+from buffer import BufferConfig, ReplayBuffer
+from launch.config import load_config
+from launch.train import train
+from tests.test_train import SHORT_RUN
+
+FAULT_RUN = SHORT_RUN + ["train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10",
+                         "train.eval_every=0"]
+
+
+def worker_pids(actor_class: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"ray::{actor_class}")]
+
+
+def wait_for(condition, what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in records(run_dir) if r["phase"] in ("sft", "opd")), default=0)
+
+
+def stream_prefix_held(run_dir: Path, cfg) -> tuple[int, set[str]]:
+    """(trajectories in the buffer on disk, the first that many traj_ids of the prompt stream)."""
+    with ReplayBuffer(BufferConfig(dir=str(run_dir / "buffer"))) as buffer:
+        held = set(buffer.traj_ids())
+    pool = PromptPool(load_prompts(cfg.rollout.prompts, cfg.rollout.num_prompts))
+    return len(held), {trajectory_id(*pool.next()) for _ in range(len(held))} ^ held
+
+
+def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    ray.init(num_cpus=4, include_dashboard=False)
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(train(cfg)), daemon=True)
+    thread.start()
+    return thread, summary
+
+
+def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tmp_path):
+    cfg = load_config("configs/tiny.yaml", FAULT_RUN + [f"train.out_dir={tmp_path}"])
+    run_dir = tmp_path / "tiny"
+    thread, summary = run_in_thread(cfg)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 3, "step 3")
+        [rollout_pid] = worker_pids("RolloutWorker")
+        os.kill(rollout_pid, signal.SIGKILL)  # mid-rollout: the actor is always rolling out
+        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
+        [learner_pid] = worker_pids("Learner")
+        os.kill(learner_pid, signal.SIGKILL)
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+    finally:
+        ray.shutdown()
+    assert summary["learner_restarts"] == 1, summary
+    log = records(run_dir)
+    faults = [r["fault"] for r in log if r["phase"] == "fault"]
+    assert faults == ["rollout actor died", "learner failed"], faults
+    assert {r["step"] for r in log if r["phase"] in ("sft", "opd")} == set(range(1, 41))
+    learner_fault = next(i for i, r in enumerate(log) if r.get("fault") == "learner failed")
+    steps_after_fault = [r["step"] for r in log[learner_fault + 1:] if r["phase"] in ("sft", "opd")]
+    assert steps_after_fault[0] == 11  # resumed from the checkpoint at step 10, not from scratch
+    assert summary["tau_after"] > summary["tau_before"], summary
+    held, mismatch = stream_prefix_held(run_dir, cfg)
+    assert held > 0 and not mismatch, mismatch  # no prompt lost to the kill, none rolled out twice
+
+
+def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
+    cfg = load_config("configs/tiny.yaml", FAULT_RUN + [f"train.out_dir={tmp_path}", "learner.timeout_s=8",
+                                                        "train.wait_retries=1"])
+    run_dir = tmp_path / "tiny"
+    thread, summary = run_in_thread(cfg)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
+        [learner_pid] = worker_pids("Learner")
+        os.kill(learner_pid, signal.SIGSTOP)  # alive but silent: only a timeout can notice
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+    finally:
+        ray.shutdown()
+    assert summary["learner_restarts"] == 1, summary
+    [fault] = [r for r in records(run_dir) if r["phase"] == "fault"]
+    assert "not done after 2 waits of learner.timeout_s=8 s" in fault["error"], fault
+    assert not psutil.pid_exists(learner_pid) or psutil.Process(learner_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_killed_job_resumes_from_its_checkpoint_without_repeating_or_skipping(tmp_path):
+    """SIGKILL the whole job (driver, its Ray cluster and every worker), then run it again with resume=auto."""
+    args = [sys.executable, "-m", "launch.train", "configs/tiny.yaml", *FAULT_RUN, f"train.out_dir={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run_dir = tmp_path / "tiny"
+    job = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists()
+                 and last_step(run_dir) >= 13, "step 13 (after the checkpoint at 10)")
+    finally:
+        tree = [job, *psutil.Process(job.pid).children(recursive=True)]
+        for process in tree:
+            process.kill()
+        psutil.wait_procs(tree, timeout=30)
+    killed_at = last_step(run_dir)
+    assert killed_at < 40, "the job finished before it was killed; nothing was tested"
+    resumed = subprocess.run(args + ["resume=auto"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoints/step-0000010" in "".join(resumed.stderr.split())  # rich wraps long lines
+    log = records(run_dir)
+    steps = [r["step"] for r in log if r["phase"] in ("sft", "opd")]
+    assert steps == list(range(1, 41))  # steps after the checkpoint were dropped from the log and done again
+    assert [r["phase"] for r in log if "eval_tau" in r] == ["init", "final"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tau_after"] > summary["tau_before"], summary
+    held, mismatch = stream_prefix_held(run_dir, load_config("configs/tiny.yaml", FAULT_RUN))
+    assert held > 0 and not mismatch, mismatch
+    again = subprocess.run(args + ["resume=auto"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "finished run" in " ".join(again.stderr.split())  # not trained again
