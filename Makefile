@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer ray-up ray-down clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -26,24 +26,41 @@ smol: setup
 	$(BIN)/draft-opd smol
 
 run: smol
-	$(BIN)/draft-opd train configs/smol.yaml
+	$(BIN)/draft-opd train configs/smol.yaml resume=auto
 
 eval-smol: smol
 	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=4 \
 		draft=runs/smol/draft eval.out=runs/eval-smol.json
 
+METRICS_PORT ?= 8080
+TENSORBOARD_PORT ?= 6006
+
 ray-up: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH RAY_AUTH_MODE=token $(BIN)/ray start --head --dashboard-host=127.0.0.1
+	PATH=$(CURDIR)/$(BIN):$$PATH RAY_AUTH_MODE=token $(BIN)/ray start --head --dashboard-host=127.0.0.1 \
+		--metrics-export-port=$(METRICS_PORT)
 	@echo "submit with: RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
+
+dashboard: ray-up
+	mkdir -p runs
+	nohup $(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port $(TENSORBOARD_PORT) > runs/tensorboard.log 2>&1 & \
+		echo $$! > runs/.tensorboard.pid
+	@echo "Ray dashboard        http://127.0.0.1:8265"
+	@echo "Prometheus endpoint  http://127.0.0.1:$(METRICS_PORT)/metrics  (gauges ray_draft_opd_*)"
+	@echo "TensorBoard          http://127.0.0.1:$(TENSORBOARD_PORT)  (runs/*/tensorboard)"
+	@echo "train on this cluster: RAY_AUTH_MODE=token RAY_ADDRESS=auto make run; stop all: make ray-down"
 
 ray-down:
 	$(BIN)/ray stop
+	if [ -f runs/.tensorboard.pid ]; then kill $$(cat runs/.tensorboard.pid) 2>/dev/null; rm -f runs/.tensorboard.pid; fi
 
 bench-verify: smol
 	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer
+
+bench-faults: setup
+	$(BIN)/python -m benchmarks.bench_faults
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

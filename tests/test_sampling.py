@@ -70,9 +70,7 @@ def exact_two_token_distribution(target: Target, prompt: list[int], temperature:
 def test_speculative_decode_loop_samples_the_target_distribution(kind):
     """End to end on a 6-token vocabulary: the first two sampled tokens follow the target's joint law."""
     target = Target(tiny_model(seed=1, vocab_size=6, pad_token_id=None, eos_token_id=None), None, [0, 1, 2])
-    drafter = make_drafter(target, kind, block_size=3, seed=1)
-    if kind == "dflash":
-        drafter.cfg.mask_token_id = 5
+    drafter = make_drafter(target, kind, block_size=3, seed=1, mask_token_id=5)
     prompt, temperature, runs = [1, 4, 2], 1.0, 3000
     expected = exact_two_token_distribution(target, prompt, temperature)
     counts = torch.zeros(36)

@@ -42,7 +42,7 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
     holds a TensorBoard event file with the same scalars."""
     cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}"])
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=port,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     scraped, done = [], threading.Event()
 

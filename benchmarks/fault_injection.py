@@ -1,0 +1,97 @@
+"""Real faults for training runs: find Ray worker processes by title, kill or freeze them, corrupt files,
+and read what a run directory says happened. Shared by `make bench-faults` and tests/test_faults.py."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from actors.prompts import PromptPool, load_prompts
+from actors.rollout import trajectory_id
+from buffer import BufferConfig, ReplayBuffer
+from launch.config import Config
+
+
+def worker_pids(actor_class: str) -> list[int]:
+    """Ray titles its actor processes `ray::<Class>[.<method>]`."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"ray::{actor_class}")]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (a job's driver, its local Ray cluster, the workers)."""
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for process in tree:
+        process.kill()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_step(run_dir: Path) -> int:
+    return max((r["step"] for r in records(run_dir) if r["phase"] in ("sft", "opd")), default=0)
+
+
+def segment_ids(run_dir: Path) -> set[str]:
+    """traj_ids of every row that reached the buffer's files, sealed or not (a torn last batch is ignored)."""
+    import pyarrow as pa
+
+    ids: set[str] = set()
+    for data in (run_dir / "buffer").glob("seg-*.arrow"):
+        try:
+            with pa.OSFile(str(data)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    ids.update(batch.column("traj_id").to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return ids
+
+
+def loadable_ids(run_dir: Path) -> set[str]:
+    """traj_ids a reopened buffer loads (sound sealed segments only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ReplayBuffer(BufferConfig(dir=str(run_dir / "buffer"))) as buffer:
+            return set(buffer.traj_ids())
+
+
+def stream_gaps(run_dir: Path, cfg: Config) -> tuple[int, int]:
+    """(trajectories in the buffer on disk, prompts of the stream before the furthest one held that are missing).
+
+    With one rollout actor and no lost rows the buffer holds exactly a prefix of its prompt stream;
+    a gap is a prompt skipped. (A prompt rolled out twice cannot show here: inserts are idempotent.)
+    """
+    held = loadable_ids(run_dir)
+    pool, missing, found = PromptPool(load_prompts(cfg.rollout.prompts, cfg.rollout.num_prompts)), 0, 0
+    while found < len(held):
+        if trajectory_id(*pool.next()) in held:
+            found += 1
+        else:
+            missing += 1
+        if pool.position > 100 * (len(held) + 1):
+            raise ValueError(f"{run_dir}: the buffer holds trajectories that are not in the prompt stream")
+    return len(held), missing
+
+
+def flip_bytes(path: Path, offset_from_end: int = 64) -> None:
+    """Corrupt a file in place, as a bad disk sector would."""
+    data = bytearray(path.read_bytes())
+    at = max(len(data) - offset_from_end, 0)
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
