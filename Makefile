@@ -34,10 +34,11 @@ eval-smol: smol
 
 METRICS_PORT ?= 8080
 TENSORBOARD_PORT ?= 6006
+RAY_NUM_CPUS ?= 4  # logical CPUs: make run places 2 rollout actors and 1 learner, more than 2 cores
 
 ray-up: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH RAY_AUTH_MODE=token $(BIN)/ray start --head --dashboard-host=127.0.0.1 \
-		--metrics-export-port=$(METRICS_PORT)
+		--num-cpus=$(RAY_NUM_CPUS) --metrics-export-port=$(METRICS_PORT)
 	@echo "submit with: RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
 
 dashboard: ray-up
