@@ -155,12 +155,14 @@ class ReplayBuffer:
         return len(run)
 
     def sample(self, batch_size: int, learner_version: int | None = None,
-               timeout_s: float | None = None) -> SampleBatch:
+               timeout_s: float | None = None, max_staleness: int | None = None) -> SampleBatch:
         """Draw `batch_size` blocks by the configured policy, waiting for the rate limiter and for fresh data.
 
-        `learner_version` is required when `max_staleness` is set.
+        `max_staleness` overrides the configured bound for this call (an on-policy phase wants a
+        tighter one); `learner_version` is required when a bound is set.
         """
-        min_version = self._min_version_for(learner_version)
+        min_version = self._min_version_for(learner_version, self.config.max_staleness
+                                            if max_staleness is None else max_staleness)
         self._limiter.check_sample_size(batch_size)
         with self._cond:
             self._min_version = min_version
@@ -271,14 +273,16 @@ class ReplayBuffer:
         if not self._limiter.can_sample(len(self._store), batch_size):
             return self._limiter.sample_blocked_reason(len(self._store))
         return (f"all {len(self._store)} stored trajectories have draft_version < {self._min_version} "
-                f"(max_staleness={self.config.max_staleness}); waiting for fresh rollouts")
+                "(max_staleness bound); waiting for fresh rollouts")
 
-    def _min_version_for(self, learner_version: int | None) -> int | None:
-        if self.config.max_staleness is None:
+    def _min_version_for(self, learner_version: int | None, max_staleness: int | None) -> int | None:
+        if max_staleness is None:
             return None
         if learner_version is None:
-            raise ValueError(f"max_staleness={self.config.max_staleness} is set: pass learner_version to sample()")
-        return learner_version - self.config.max_staleness
+            raise ValueError(f"max_staleness={max_staleness} is set: pass learner_version to sample()")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness} must be >= 0 (or None for no bound)")
+        return learner_version - max_staleness
 
     def _timeout(self, timeout_s: float | None) -> float | None:
         return self.config.timeout_s if timeout_s is None else timeout_s

@@ -117,7 +117,9 @@ class Learner:
 
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""
-        batch = ray.get(self.buffer.sample.remote(self.cfg.batch_size, learner_version), timeout=self.cfg.timeout_s)
+        staleness = self.objective.opd_max_staleness if phase == "opd" else None  # on-policy: recent drafts only
+        batch = ray.get(self.buffer.sample.remote(self.cfg.batch_size, learner_version, max_staleness=staleness),
+                        timeout=self.cfg.timeout_s)
         metrics = self.train_step(phase, batch)
         metrics["staleness"] = float(np.mean(learner_version - batch.draft_version[batch.traj_index]))
         return metrics

@@ -24,6 +24,7 @@ class ObjectiveConfig:
     sft_gamma: float = 7.0  # DFlash position weight exp(-(k-1)/gamma)
     eagle_decay: float = 0.8  # EAGLE-3 step weight decay^i
     opd_variant: str = "k3"  # k3: the paper's sampled estimators; topk: exact forward KL + TV from stored top-k
+    opd_max_staleness: int | None = None  # OPD samples only rows drafted at most this many versions ago
 
 
 def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

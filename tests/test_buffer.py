@@ -479,10 +479,19 @@ def test_staleness_bound_skips_old_draft_versions():
         buf.insert(make_traj(f"v{version}", [1, 2], version=version))
     batch = buf.sample(500, learner_version=5)
     assert set(batch.draft_version[batch.traj_index].tolist()) == {3, 4, 5}
-    with pytest.raises(RateLimitTimeout, match="max_staleness=2"):
+    with pytest.raises(RateLimitTimeout, match="max_staleness"):
         buf.sample(1, learner_version=50, timeout_s=0.2)
     with pytest.raises(ValueError, match="learner_version"):
         buf.sample(1)
+
+
+def test_a_call_can_set_its_own_staleness_bound():
+    buf = ReplayBuffer(BufferConfig())  # no bound configured
+    for version in range(6):
+        buf.insert(make_traj(f"v{version}", [1, 2], version=version))
+    assert set(buf.sample(500).draft_version.tolist()) == set(range(6))
+    batch = buf.sample(500, learner_version=5, max_staleness=1)
+    assert set(batch.draft_version[batch.traj_index].tolist()) == {4, 5}
 
 
 def test_capacity_evicts_the_oldest_and_their_segments(tmp_path):
