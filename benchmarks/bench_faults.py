@@ -97,7 +97,7 @@ def in_place(name: str, out_dir: Path, actor_class: str, sig: signal.Signals) ->
         wait_for(lambda: last_step(run_dir) >= 3, "step 3")
     else:
         after_checkpoint(run_dir)
-    pid = worker_pids(actor_class)[0]
+    pid = worker_pids(actor_class, job.pid)[0]
     os.kill(pid, sig)
     at_fault = segment_ids(run_dir)
     finish(job, out_dir)

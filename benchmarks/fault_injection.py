@@ -3,6 +3,7 @@ and read what a run directory says happened. Shared by `make bench-faults` and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -17,10 +18,16 @@ from buffer import BufferConfig, ReplayBuffer
 from launch.config import Config
 
 
-def worker_pids(actor_class: str) -> list[int]:
-    """Ray titles its actor processes `ray::<Class>[.<method>]`."""
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith(f"ray::{actor_class}")]
+def worker_pids(actor_class: str, root_pid: int) -> list[int]:
+    """Actor processes of the Ray cluster that `root_pid` started (the job's driver): Ray titles them
+    `ray::<Class>[.<method>]`, and its raylet, their parent, is the driver's child."""
+    found = []
+    for process in psutil.Process(root_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmdline = process.cmdline()
+            if cmdline and cmdline[0].startswith(f"ray::{actor_class}"):
+                found.append(process.pid)
+    return found
 
 
 def kill_tree(pid: int) -> None:

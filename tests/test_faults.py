@@ -36,10 +36,10 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
     thread, summary = run_in_thread(cfg)
     try:
         wait_for(lambda: last_step(run_dir) >= 3, "step 3")
-        [rollout_pid] = worker_pids("RolloutWorker")
+        [rollout_pid] = worker_pids("RolloutWorker", os.getpid())
         os.kill(rollout_pid, signal.SIGKILL)  # mid-rollout: the actor is always rolling out
         wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
-        [learner_pid] = worker_pids("Learner")
+        [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGKILL)
         thread.join(timeout=600)
         assert not thread.is_alive()
@@ -65,7 +65,7 @@ def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
     thread, summary = run_in_thread(cfg)
     try:
         wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
-        [learner_pid] = worker_pids("Learner")
+        [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGSTOP)  # alive but silent: only a timeout can notice
         thread.join(timeout=600)
         assert not thread.is_alive()
