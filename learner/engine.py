@@ -30,6 +30,7 @@ class LearnerConfig:
     zero_stage: int = 2
     dtype: str = "float32"  # float32 | bfloat16
     lr: float = 6e-4  # DFlash SFT; the Draft-OPD run used 3e-4
+    opd_lr: float | None = None  # learning rate of the OPD phase; None: lr
     warmup_steps: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -108,6 +109,9 @@ class Learner:
         rng = np.random.default_rng((self.cfg.seed, self.rank, self.steps))  # a resumed run draws the same
         out = phase_loss(phase, self.engine, batch, self.features, self.objective, rng)
         self.engine.backward(out["loss"])
+        if phase == "opd" and self.cfg.opd_lr is not None:
+            for group in self.engine.optimizer.param_groups:  # the scheduler resets it after each step
+                group["lr"] = self.cfg.opd_lr
         self.engine.step()
         self.steps += 1
         metrics = {k: float(v.detach()) for k, v in out.items()}

@@ -7,7 +7,7 @@ import torch
 
 from actors.rollout import RolloutConfig, RolloutWorker
 from buffer import BufferConfig, ReplayBuffer
-from learner.engine import LearnerActor, LearnerConfig, free_port
+from learner.engine import Learner, LearnerActor, LearnerConfig, free_port
 from learner.objective import ObjectiveConfig
 from speculative.drafter import DraftSpec
 from speculative.target import TargetConfig
@@ -55,3 +55,17 @@ def test_zero_world_size_two_matches_world_size_one(ray_cluster, batches, stage)
     assert any(not torch.allclose(single[k], initial[k]) for k in single)  # it did train
     for k in single:
         torch.testing.assert_close(double[k], single[k], atol=1e-5, rtol=1e-4)
+
+
+def test_opd_phase_uses_its_own_learning_rate(batches):
+    """opd_lr=0 freezes the draft in the OPD phase only (Adam's step is proportional to the lr)."""
+    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=1e-2, opd_lr=0.0, warmup_steps=1, timeout_s=60),
+                      ObjectiveConfig())
+    for batch in batches[:2]:  # past DeepSpeed's WarmupLR, whose first steps run at lr 0
+        learner.train_step("sft", batch)
+    before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
+    learner.train_step("opd", batches[0])
+    after_opd = learner.drafter.state_dict()
+    assert all(torch.equal(before[k], after_opd[k]) for k in before)
+    learner.train_step("sft", batches[2])
+    assert any(not torch.equal(before[k], v) for k, v in learner.drafter.state_dict().items())
