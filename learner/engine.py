@@ -75,6 +75,9 @@ def init_process_group(rank: int, world_size: int, address: str, port: int, time
                        "WORLD_SIZE": str(world_size), "MASTER_ADDR": address, "MASTER_PORT": str(port)})
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed would JIT-compile its shared-memory allreduce here: ~30 s, and a rank killed mid-build leaves
+        # torch's build lock behind, which hangs every later init. gloo's own allreduce serves CPU ranks.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
