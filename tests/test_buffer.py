@@ -332,25 +332,26 @@ def _run_in_thread(fn) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def test_blocked_insert_resumes_when_the_learner_samples():
+def _insert_blocked_by_the_ratio() -> tuple[ReplayBuffer, threading.Thread, dict]:
+    """A buffer whose third insert ("c") waits for the learner to sample."""
     buf = ReplayBuffer(BufferConfig(samples_per_insert=4, ratio_tolerance=4))
     buf.insert(make_traj("a", [1]))
     buf.insert(make_traj("b", [1]))
     thread, result = _run_in_thread(lambda: buf.insert(make_traj("c", [1]), timeout_s=10))
     time.sleep(0.3)
     assert thread.is_alive() and "c" not in buf
+    return buf, thread, result
+
+
+def test_blocked_insert_resumes_when_the_learner_samples():
+    buf, thread, result = _insert_blocked_by_the_ratio()
     buf.sample(4)
     thread.join(5)
     assert result["value"] == 1 and "c" in buf
 
 
 def test_released_inserts_no_longer_wait_for_the_learner():
-    buf = ReplayBuffer(BufferConfig(samples_per_insert=4, ratio_tolerance=4))
-    buf.insert(make_traj("a", [1]))
-    buf.insert(make_traj("b", [1]))
-    thread, result = _run_in_thread(lambda: buf.insert(make_traj("c", [1]), timeout_s=10))
-    time.sleep(0.3)
-    assert thread.is_alive()
+    buf, thread, result = _insert_blocked_by_the_ratio()
     buf.release_inserts()
     thread.join(5)
     assert result["value"] == 1 and buf.insert(make_traj("d", [1]), timeout_s=0.1) == 1
