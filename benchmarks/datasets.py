@@ -4,8 +4,8 @@ Evaluation (tau and speedup) and on-policy training both need the benchmark prom
 way the anchors build them (DFlash `benchmark.py`), so that our acceptance lengths compare with
 theirs: math questions get the step-by-step/boxed instruction, HumanEval gets its function
 stub in a code block, MT-Bench keeps every user turn. Only local files are read, never the
-network: the sets whose licences allow it ship in `../shared/data/prompts` (override the folder
-with $DRAFT_OPD_DATA); for the others the user points the config at a file in the set's public
+network: the sets whose licences allow it ship in the repository's `data/prompts` (override the
+folder with $DRAFT_OPD_DATA); for the others the user points the config at a file in the set's public
 format (`data.<name>=PATH`).
 
 Every set accepts both JSON Lines and one JSON list, whatever the file is called. Each loader
@@ -74,16 +74,15 @@ class PromptFormatError(ValueError):
 
 
 def default_data_dir() -> Path:
-    """The folder of shipped prompt files: $DRAFT_OPD_DATA, else `../shared/data/prompts`.
+    """The folder of shipped prompt files: $DRAFT_OPD_DATA, else the repository's `data/prompts`.
 
-    CI clones the repo elsewhere and copies `shared/` next to it, so the default is found
-    relative to this package rather than to the working directory.
+    Found relative to this package rather than to the working directory, so commands run from
+    anywhere (and `ray job submit --working-dir .` uploads the folder with the code).
     """
     override = os.environ.get(DATA_ENV)
     if override:
         return Path(override)
-    repo_root = Path(__file__).resolve().parent.parent
-    return repo_root.parent / "shared" / "data" / "prompts"
+    return Path(__file__).resolve().parent.parent / "data" / "prompts"
 
 
 # --- reading rows ---------------------------------------------------------------------------

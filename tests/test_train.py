@@ -97,11 +97,8 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
                 break
             time.sleep(1)
         out_dir = tmp_path / "runs"
-        data = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prompts"
-        runtime_env = json.dumps({"env_vars": {"DRAFT_OPD_DATA": str(os.environ.get("DRAFT_OPD_DATA", data))}})
         job = subprocess.run(
-            [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".",
-             "--runtime-env-json", runtime_env, "--", "python", "-m", "launch.train", "configs/tiny.yaml",
+            [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python", "-m", "launch.train", "configs/tiny.yaml",
              *SHORT_RUN, f"train.out_dir={out_dir}"],
             env=env, capture_output=True, text=True, timeout=900)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
