@@ -70,9 +70,9 @@ def finish(job: subprocess.Popen, out_dir: Path, timeout_s: float = 600) -> str:
     return "".join((out_dir / "job.log").read_text().split())  # undo rich's line wrapping
 
 
-def after_checkpoint(run_dir: Path) -> None:
+def after_checkpoint(run_dir: Path, job: subprocess.Popen) -> None:
     wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists() and last_step(run_dir) >= 13,
-             "step 13, past the checkpoint at step 10")
+             "step 13, past the checkpoint at step 10", running=lambda: job.poll() is None)
 
 
 def redone(run_dir: Path) -> int:
@@ -94,9 +94,9 @@ def in_place(name: str, out_dir: Path, actor_class: str, sig: signal.Signals) ->
     run_dir, started = out_dir / "tiny", time.perf_counter()
     job = start_job(out_dir)
     if actor_class == "RolloutWorker":
-        wait_for(lambda: last_step(run_dir) >= 3, "step 3")
+        wait_for(lambda: last_step(run_dir) >= 3, "step 3", running=lambda: job.poll() is None)
     else:
-        after_checkpoint(run_dir)
+        after_checkpoint(run_dir, job)
     pid = worker_pids(actor_class, job.pid)[0]
     os.kill(pid, sig)
     at_fault = segment_ids(run_dir)
@@ -110,7 +110,7 @@ def killed_job(name: str, out_dir: Path, corrupt: bool) -> Row:
     """The whole job dies; a second job continues the run with resume=auto."""
     run_dir, started = out_dir / "tiny", time.perf_counter()
     job = start_job(out_dir)
-    after_checkpoint(run_dir)
+    after_checkpoint(run_dir, job)
     kill_tree(job.pid)
     killed_at, at_fault = last_step(run_dir), segment_ids(run_dir)
     if corrupt:

@@ -38,9 +38,13 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 300.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, running: Callable[[], bool],
+             timeout_s: float = 300.0) -> None:
+    """Poll `condition`; fail at once when the run it waits on is no longer `running`, never only at the deadline."""
     deadline = time.monotonic() + timeout_s
     while not condition():
+        if not running():
+            raise RuntimeError(f"the run ended before {what}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(0.2)

@@ -66,11 +66,12 @@ class TrainSection:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     wait_retries: int = 2  # a learner step or publish past learner.timeout_s is reported and waited on again
     max_learner_restarts: int = 3  # learner ranks that die or hang are replaced and resume from a checkpoint
+    stage_timeout_s: float = 1800.0  # longest wait for any other stage (start-up, an evaluation, the buffer)
 
     def __post_init__(self) -> None:
         at_least("train", self, sft_steps=0, opd_steps=0, publish_every=1, rollouts_per_call=1, eval_prompts=1,
                  eval_max_new_tokens=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, wait_retries=0,
-                 max_learner_restarts=0)
+                 max_learner_restarts=0, stage_timeout_s=0)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def job_main(job: Callable[[Config], Any], name: str, argv: list[str] | None = N
         sys.exit(f"usage: python -m launch.{name} CONFIG [key=value ...]")
     try:
         job(load_config(argv[0], argv[1:]))
-    except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError, TimeoutError) as err:
         sys.exit(f"draft-opd {name}: error: {one_line(err)}")
 
 

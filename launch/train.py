@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Callable
 
 import ray
+from omegaconf import OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from actors.rollout import start_rollout_actors
-from buffer import ReplayBufferActor
+from buffer import RateLimitTimeout, ReplayBufferActor
 from launch.checkpoint import RunState, checkpoint_dir, latest_checkpoint, read_state, rotate, write_state
-from launch.config import Config, job_main, to_yaml
+from launch.config import Config, job_main, load_config, one_line, to_yaml
+from launch.progress import StageTimeout, StepProgress, wait_all
 from launch.telemetry import Telemetry
 from learner.engine import start_learners
 
@@ -60,22 +61,30 @@ def phase_of(step: int, cfg: Config) -> str:
     return "sft" if step < cfg.train.sft_steps else "opd"
 
 
+def starved(err: BaseException | None) -> bool:
+    """The learner's sample timed out: the rollout side produced nothing, which replacing learners cannot fix."""
+    while err is not None:
+        if isinstance(err, (RateLimitTimeout, ray.exceptions.GetTimeoutError)):
+            return True
+        err = getattr(err, "cause", None) or err.__cause__
+    return False
+
+
 def wait_learners(refs: list, what: str, cfg: Config, console: Console,
                   while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
     """All results of `refs`; a wait past learner.timeout_s is reported and retried, never a hang."""
     timeout_s, retries = cfg.learner.timeout_s, cfg.train.wait_retries
     for attempt in range(retries + 1):
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs):
-                try:
-                    return ray.get(refs)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-                    raise LearnerFault(f"{what} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
-            while_waiting()
-        if attempt < retries:
-            console.print(f"[yellow]{what} not done after learner.timeout_s={timeout_s:g} s; "
-                          f"waiting again ({attempt + 1}/{retries})")
+        try:
+            return wait_all(refs, what, timeout_s, "learner.timeout_s", while_waiting)
+        except StageTimeout:
+            if attempt < retries:
+                console.print(f"[yellow]{what} not done after learner.timeout_s={timeout_s:g} s; "
+                              f"waiting again ({attempt + 1}/{retries})")
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            if starved(err):
+                raise StageTimeout(f"{what}: no samples from the replay buffer ({one_line(err)})") from err
+            raise LearnerFault(f"{what} failed: {type(err).__name__}: {str(err).splitlines()[0]}") from err
     raise LearnerFault(f"{what} not done after {retries + 1} waits of learner.timeout_s={timeout_s:g} s")
 
 
@@ -87,13 +96,15 @@ class Run:
         self.dir = Path(cfg.train.out_dir) / cfg.name
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         buffer_cfg = cfg.buffer if cfg.buffer.dir else replace(cfg.buffer, dir=str(self.dir / "buffer"))
+        console.print(f"starting the replay buffer, {cfg.rollout.num_actors} rollout actor(s) and "
+                      f"{cfg.learner.world_size} learner rank(s); each loads the target ...")
         self.buffer = ReplayBufferActor.remote(buffer_cfg)
         if state is not None:
-            ray.get(self.buffer.load_state_dict.remote(state.buffer))
+            self.get(self.buffer.load_state_dict.remote(state.buffer), "reopening the replay buffer")
         self.actors, self.group = start_rollout_actors(cfg.target, cfg.draft, cfg.rollout, self.buffer)
         self.learners = start_learners(cfg.target, cfg.draft, cfg.learner, cfg.objective, self.buffer)
         self.telemetry = Telemetry(self.dir, cfg.name, purge_step=state.step + 1 if state else 0)
-        self.version, self.weights = 0, None
+        self.version, self.weights = state.version if state else 0, None
         self.positions = state.positions if state else [0] * len(self.actors)
         self.tau_before = state.tau_before if state else None
         self.actor_taus = [deque(maxlen=8) for _ in self.actors]
@@ -107,6 +118,10 @@ class Run:
             self.publish()
         for i in range(len(self.actors)):
             self.restore_actor(i)  # then it rolls out
+
+    def get(self, ref: ray.ObjectRef, what: str):
+        """One result the driver cannot go on without; past train.stage_timeout_s the job stops, naming it."""
+        return wait_all([ref], what, self.cfg.train.stage_timeout_s, "train.stage_timeout_s")[0]
 
     # --- rollouts -------------------------------------------------------------------------
 
@@ -138,7 +153,7 @@ class Run:
     def restore_actor(self, i: int) -> None:
         """Ray restarts a dead actor (max_restarts=-1) as a fresh process; once it answers, it continues its
         prompt stream. Its unfinished trajectory never reached the buffer (inserts are whole rows)."""
-        present = ray.get(self.buffer.traj_ids.remote())
+        present = self.get(self.buffer.traj_ids.remote(), "the replay buffer's trajectory ids")
         self.pending[self.actors[i].restore.remote(self.positions[i], present)] = (i, "restore")
 
     def fault(self, kind: str, **details) -> None:
@@ -161,7 +176,7 @@ class Run:
         if wait or ray.wait([ref], timeout=0)[0]:
             self.eval_pending = None
             try:
-                result = ray.get(ref)
+                result = self.get(ref, f"held-out tau at step {step}")
             except ray.exceptions.RayActorError as err:
                 self.fault("evaluation lost with its actor", step=step, error=str(err).splitlines()[0])
                 return
@@ -212,9 +227,10 @@ class Run:
         directory = checkpoint_dir(self.dir, step)
         directory.mkdir(parents=True, exist_ok=True)
         self.wait_learners([rank.save_checkpoint.remote(str(directory)) for rank in self.learners], "checkpoint")
-        ray.get(self.buffer.flush.remote())  # every trajectory inserted so far is now on disk
+        self.get(self.buffer.flush.remote(), "sealing the buffer segment")  # every trajectory so far is on disk
         state = RunState(step=step, version=self.version, positions=list(self.positions),
-                         buffer=ray.get(self.buffer.state_dict.remote()), tau_before=self.tau_before)
+                         buffer=self.get(self.buffer.state_dict.remote(), "the buffer's counters"),
+                         tau_before=self.tau_before)
         write_state(directory, state)
         rotate(self.dir, self.cfg.train.keep_checkpoints)
         return directory
@@ -231,7 +247,7 @@ class Run:
                   "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),
                   "rollout_tokens_per_s": sum(self.actor_tokens_per_s),
                   "staleness": statistics.fmean(r["staleness"] for r in results),
-                  "buffer_size": ray.get(self.buffer.stats.remote())["size"],
+                  "buffer_size": self.get(self.buffer.stats.remote(), "the buffer's size")["size"],
                   **{k: v for k, v in results[0].items() if k not in ("loss", "tokens", "blocks", "staleness")}}
         if (step + 1) % self.cfg.train.publish_every == 0:
             record["publish_s"] = self.publish()
@@ -262,7 +278,7 @@ class Run:
 
     def finish(self) -> Path:
         self.wait_learners([rank.save_draft.remote(str(self.dir / "draft")) for rank in self.learners], "save draft")
-        ray.get(self.buffer.close.remote())  # seals the open segment
+        self.get(self.buffer.close.remote(), "closing the replay buffer")  # seals the open segment
         self.telemetry.close()
         return self.dir / "draft"
 
@@ -279,14 +295,57 @@ def prepare_run_dir(cfg: Config, console: Console) -> RunState | dict | None:
         run_dir.mkdir(parents=True, exist_ok=True)
         return None
     if (run_dir / "summary.json").exists():
-        console.print(f"{run_dir} is a finished run; start a new one with name=NEW_NAME")
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        console.print(f"{run_dir} is a finished run (held-out tau {summary['tau_before']:.3f} -> "
+                      f"{summary['tau_after']:.3f}, draft in {summary['draft']}); to train again, delete "
+                      f"{run_dir} or start a new run with name=NEW_NAME")
+        return summary
+    check_same_run(cfg, run_dir)
     checkpoint = latest_checkpoint(run_dir)
     state = read_state(checkpoint) if checkpoint else None
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_metrics_until(run_dir / "metrics.jsonl", state.step if state else -1)
     console.print(f"resuming {run_dir} from {checkpoint}" if checkpoint else f"no checkpoint in {run_dir}; fresh start")
     return state
+
+
+RUN_DEFINING = ("target", "draft", "rollout.prompts", "rollout.num_prompts", "rollout.num_actors",
+                "rollout.store_features", "rollout.topk_logprobs", "learner.world_size", "learner.zero_stage",
+                "learner.dtype", "buffer.dir")
+"""Settings a checkpoint or the stored buffer depends on: a resumed run must keep them."""
+
+
+def check_same_run(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run directory that another configuration (or an older version of us) wrote."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    fresh = f"delete {run_dir} or start a new run with name=NEW_NAME"
+    try:
+        saved = load_config(saved_file)
+    except ValueError as err:
+        raise ValueError(f"{run_dir} holds a run this version cannot resume ({one_line(err)}); {fresh}") from None
+    old, new = run_settings(saved), run_settings(cfg)
+    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+               if old.get(key) != new.get(key)]
+    if changed:
+        raise ValueError(f"{run_dir} holds a run started with other settings ({'; '.join(changed)}); resume it "
+                         f"with its own settings (they are in {saved_file}), or {fresh}")
+
+
+def run_settings(cfg: Config) -> dict[str, object]:
+    """The RUN_DEFINING settings of `cfg` as dotted keys -> values."""
+    flat: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                walk(value, f"{prefix}{name}.")
+        elif prefix[:-1].startswith(RUN_DEFINING):
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -311,15 +370,13 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     run = Run(cfg, console, state)
     if state is None:
         console.print(f"run directory {run.dir}; measuring held-out tau of the initial draft ...")
-        result = ray.get(run.submit_evaluation())
+        result = run.get(run.submit_evaluation(), "held-out tau of the initial draft")
         run.tau_before = result["eval_tau"]
         run.log_eval_tau(0, "init", result)
-    console.print(f"held-out tau before training: {run.tau_before:.3f}")
+    console.print(f"held-out tau before training: {run.tau_before:.3f}; training {total} steps "
+                  f"({cfg.train.sft_steps} sft, {cfg.train.opd_steps} opd)")
     step = state.step if state else 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}"))
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=total, completed=step, status="")
+    with StepProgress(console, total, step) as progress:
         while step < total:
             try:
                 record = run.step(step)
@@ -328,15 +385,16 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                     run.save_checkpoint(step)
             except LearnerFault as err:
                 step = run.restart_learners(err)
-                progress.update(task, completed=step)
+                progress.update(step)
                 continue
             tau = f"tau {record['tau']:.2f}" if record["tau"] else "tau -"
-            progress.update(task, completed=step, description=f"train [{record['phase']}]",
-                            status=f"loss {record['loss']:.3f}  {tau}  v{record['draft_version']}")
-    ray.get(run.buffer.release_inserts.remote())  # actors blocked on the ratio must finish their rollouts
+            progress.update(step, record["phase"], f"loss {record['loss']:.3f}  {tau}  v{record['draft_version']}")
+    run.get(run.buffer.release_inserts.remote(), "releasing blocked inserts")  # actors must finish their rollouts
     run.log_evaluation(wait=True)
     run.publish()
-    final = ray.get(run.submit_evaluation())  # queued behind the publish on that actor, so it sees the final weights
+    console.print("measuring held-out tau of the trained draft ...")
+    # queued behind the publish on that actor, so it sees the final weights
+    final = run.get(run.submit_evaluation(), "held-out tau of the trained draft")
     run.log_eval_tau(total, "final", final)
     draft = run.finish()
     summary = {"tau_before": run.tau_before, "tau_after": final["eval_tau"], "steps": total, "draft": str(draft),

@@ -1,6 +1,7 @@
 """Faults, for real: SIGKILL / SIGSTOP of rollout and learner processes and of the whole job, on the tiny target.
 
 Processes are found by the title Ray gives its workers (`ray::RolloutWorker...`, `ray::Learner...`).
+About 2 minutes in all, so they run with `make test-slow` (and in CI), not in `make test`.
 """
 
 import json
@@ -11,6 +12,7 @@ import sys
 import threading
 
 import psutil
+import pytest
 import ray
 
 from benchmarks.fault_injection import kill_tree, last_step, records, stream_gaps, wait_for, worker_pids
@@ -18,14 +20,25 @@ from launch.config import load_config
 from launch.train import train
 from tests.test_train import SHORT_RUN
 
+pytestmark = pytest.mark.slow
+
 FAULT_RUN = SHORT_RUN + ["train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10",
                          "train.eval_every=0"]
 
 
 def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    """train(cfg) on a thread of this process, so that its Ray workers are descendants of this process.
+    The summary dict gets the run's summary, or its exception under "error"."""
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     summary: dict = {}
-    thread = threading.Thread(target=lambda: summary.update(train(cfg)), daemon=True)
+
+    def job() -> None:
+        try:
+            summary.update(train(cfg))
+        except BaseException as err:  # the test reports it instead of waiting on a dead run
+            summary["error"] = err
+
+    thread = threading.Thread(target=job, daemon=True)
     thread.start()
     return thread, summary
 
@@ -35,16 +48,17 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
     run_dir = tmp_path / "tiny"
     thread, summary = run_in_thread(cfg)
     try:
-        wait_for(lambda: last_step(run_dir) >= 3, "step 3")
+        wait_for(lambda: last_step(run_dir) >= 3, "step 3", running=thread.is_alive)
         [rollout_pid] = worker_pids("RolloutWorker", os.getpid())
         os.kill(rollout_pid, signal.SIGKILL)  # mid-rollout: the actor is always rolling out
-        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
+        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive)
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGKILL)
         thread.join(timeout=600)
         assert not thread.is_alive()
     finally:
         ray.shutdown()
+    assert "error" not in summary, summary
     assert summary["learner_restarts"] == 1, summary
     log = records(run_dir)
     faults = [r["fault"] for r in log if r["phase"] == "fault"]
@@ -64,13 +78,14 @@ def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
     run_dir = tmp_path / "tiny"
     thread, summary = run_in_thread(cfg)
     try:
-        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)")
+        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive)
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGSTOP)  # alive but silent: only a timeout can notice
         thread.join(timeout=600)
         assert not thread.is_alive()
     finally:
         ray.shutdown()
+    assert "error" not in summary, summary
     assert summary["learner_restarts"] == 1, summary
     [fault] = [r for r in records(run_dir) if r["phase"] == "fault"]
     assert "not done after 2 waits of learner.timeout_s=8 s" in fault["error"], fault
@@ -86,7 +101,8 @@ def test_killed_job_resumes_from_its_checkpoint_without_repeating_or_skipping(tm
                            start_new_session=True)
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists()
-                 and last_step(run_dir) >= 13, "step 13 (after the checkpoint at 10)")
+                 and last_step(run_dir) >= 13, "step 13 (after the checkpoint at 10)",
+                 running=lambda: job.poll() is None)
     finally:
         kill_tree(job.pid)
     killed_at = last_step(run_dir)

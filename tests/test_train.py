@@ -1,6 +1,7 @@
 """The training job end to end on the tiny target through a real local Ray cluster."""
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch.config import load_config
+from launch.config import load_config, to_yaml
 from launch.train import train
 from learner.engine import free_port
 from speculative.drafter import load_drafter
@@ -38,8 +40,8 @@ def scrape_gauges(url: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
-    """Also: the tau gauge is live on the cluster's Prometheus endpoint during the run, and the run dir
-    holds a TensorBoard event file with the same scalars."""
+    """Also: the tau gauge is live on the cluster's Prometheus endpoint during the run, the run dir
+    holds a TensorBoard event file with the same scalars, and a log (not a terminal) gets progress lines."""
     cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}"])
     port = free_port()
     ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
@@ -54,13 +56,19 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
 
     scraper = threading.Thread(target=scrape, daemon=True)
     scraper.start()
+    log = io.StringIO()
     try:
-        summary = train(cfg)
+        summary = train(cfg, Console(file=log, width=200))
     finally:
         done.set()
         scraper.join()
         ray.shutdown()
     assert summary["tau_after"] > summary["tau_before"] + 0.1, summary
+    lines = log.getvalue().splitlines()
+    assert any(line.startswith("step 1/30 [sft] loss") and "ETA" in line for line in lines), lines
+    assert any(line.startswith("step 20/30 [sft]") for line in lines) or any(  # phase change -> a line
+        line.startswith("step 21/30 [opd] loss") and " tau " in line for line in lines), lines
+    assert any(line.startswith("step 30/30 [opd]") and "ETA 0m00s" in line for line in lines), lines
     taus = [value for labels, value in scraped if labels.get("actor") == "rollout-0" and labels.get("run") == "tiny"]
     assert taus and all(value >= 1.0 for value in taus), scraped[:5]
     events = EventAccumulator(str(tmp_path / "tiny" / "tensorboard")).Reload()
@@ -108,3 +116,47 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
         assert (out_dir / "tiny" / "metrics.jsonl").read_text().count("\n") >= 30
     finally:
         subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True)
+
+
+def run_job(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "launch.train", "configs/tiny.yaml", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_a_finished_run_answers_at_once_without_starting_ray(tmp_path, capsys):
+    run = tmp_path / "tiny"
+    run.mkdir()
+    summary = {"tau_before": 1.0, "tau_after": 1.5, "steps": 30, "draft": str(run / "draft"), "wall_s": 60.0,
+               "learner_restarts": 0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}", "resume=auto"])
+    assert train(cfg) == summary
+    assert not ray.is_initialized()
+    said = " ".join(capsys.readouterr().err.split())
+    assert "is a finished run (held-out tau 1.000 -> 1.500" in said and "name=NEW_NAME" in said, said
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    """A run directory written with another drafter (or by a version whose schema differs) is refused, naming
+    the keys that differ, before any process starts."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.yaml").write_text(
+        to_yaml(load_config("configs/tiny.yaml", ["draft.block_size=4", f"train.out_dir={tmp_path}"])))
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path}", "resume=auto", "train.eval_every=7"])
+    with pytest.raises(ValueError, match=r"other settings \(draft.block_size: 4 -> 8\); resume it") as err:
+        train(cfg)
+    assert "eval_every" not in str(err.value)  # run-independent settings may change on resume
+    (tmp_path / "tiny" / "config.yaml").write_text("name: tiny\nlearner:\n  gone_key: 1\n")
+    with pytest.raises(ValueError, match="holds a run this version cannot resume.*gone_key.*name=NEW_NAME"):
+        train(cfg)
+    assert not ray.is_initialized()
+
+
+def test_a_stage_past_its_deadline_stops_the_job_naming_it(tmp_path):
+    """No wait of the driver is unbounded: with a deadline shorter than start-up, the job exits 1 with one
+    line naming what it waited for and the setting that bounds it."""
+    job = run_job(*SHORT_RUN, f"train.out_dir={tmp_path}", "train.stage_timeout_s=0.5")
+    assert job.returncode == 1, job.stderr[-2000:]
+    last = job.stderr.strip().splitlines()[-1]
+    assert last.startswith("draft-opd train: error: ") and "not done after train.stage_timeout_s=0.5 s" in last, last

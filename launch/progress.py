@@ -1,0 +1,80 @@
+"""What a long job shows while it runs: phase, step/total, rolling tau, ETA; and how it never waits forever.
+
+On a terminal the step line is a live rich bar; in a log (`make run > log`, CI, `ray job logs`) it
+is a plain line at most every `every_s` seconds and at each phase change, since a live bar
+prints nothing until it ends there. Every wait of the job driver goes through `wait_all`,
+which gives up at a deadline with a `StageTimeout` naming what it waited for.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class StageTimeout(TimeoutError):
+    """A stage of a job waited past its deadline; the job stops with this message instead of hanging."""
+
+
+def wait_all(refs: list, what: str, timeout_s: float, key: str,
+             while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
+    """All results of `refs`, calling `while_waiting` meanwhile; `key` is the setting that sets the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+        if time.monotonic() > deadline:
+            raise StageTimeout(f"{what}: not done after {key}={timeout_s:g} s; check the actors' logs "
+                               f"(`ray logs` or /tmp/ray/session_latest/logs), or raise {key}")
+        while_waiting()
+    return ray.get(refs)
+
+
+def eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class StepProgress:
+    """Learner steps of one invocation: a live bar on a terminal, plain periodic lines elsewhere."""
+
+    def __init__(self, console: Console, total: int, done: int, every_s: float = 30.0):
+        self.console, self.total, self.every_s = console, total, every_s
+        self.start_step, self.start = done, time.monotonic()
+        self.last_line, self.last_phase = 0.0, None
+        self.bar: Progress | None = None
+        if console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                TextColumn("{task.fields[status]}"), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=done, status="")
+
+    def __enter__(self) -> StepProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, phase: str | None = None, status: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, status=status,
+                            **({"description": f"train [{phase}]"} if phase else {}))
+            return
+        now = time.monotonic()
+        if phase == self.last_phase and step < self.total and now - self.last_line < self.every_s:
+            return
+        self.last_line, self.last_phase = now, phase
+        self.console.print(f"step {step}/{self.total} [{phase or '-'}] {status}  {self.remaining(step, now)}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+    def remaining(self, step: int, now: float) -> str:
+        done = step - self.start_step
+        if done <= 0:
+            return "ETA -"
+        return f"ETA {eta((now - self.start) / done * (self.total - step))}"
