@@ -99,16 +99,14 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
     subprocess.run([bin_dir / "ray", "start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1"], check=True,
                    env=env, capture_output=True)
     try:
-        for _ in range(60):  # the job server comes up a few seconds after `ray start` returns
-            if subprocess.run([bin_dir / "ray", "job", "list", "--address", dashboard], env=env,
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
         out_dir = tmp_path / "runs"
-        job = subprocess.run(
-            [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python", "-m", "launch.train", "configs/tiny.yaml",
-             *SHORT_RUN, f"train.out_dir={out_dir}"],
-            env=env, capture_output=True, text=True, timeout=900)
+        submit = [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python",
+                  "-m", "launch.train", "configs/tiny.yaml", *SHORT_RUN, f"train.out_dir={out_dir}"]
+        for _ in range(60):  # the job server and its agent come up some seconds after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+            if not any(s in job.stderr for s in ("No available agent", "Failed to connect", "Connection refused")):
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
         summary = json.loads((out_dir / "tiny" / "summary.json").read_text())
