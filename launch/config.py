@@ -66,6 +66,7 @@ class TrainSection:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     wait_retries: int = 2  # a learner step or publish past learner.timeout_s is reported and waited on again
     max_learner_restarts: int = 3  # learner ranks that die or hang are replaced and resume from a checkpoint
+    allow_random_init_opd: bool = False  # OPD from a random draft with no SFT before it is refused unless set
     stage_timeout_s: float = 1800.0  # longest wait for any other stage (start-up, an evaluation, the buffer)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,14 @@ class Config:
     def __post_init__(self) -> None:
         if self.resume not in ("never", "auto"):
             raise ValueError(f"resume={self.resume!r}: use auto (continue from the latest checkpoint) or never")
+        train = self.train
+        if train.opd_steps and not train.sft_steps and not self.draft.path and not train.allow_random_init_opd:
+            raise ValueError("train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD from a random "
+                             "draft, whose rollouts accept nothing to learn from: pass draft=PATH (a trained draft, "
+                             "e.g. z-lab/Qwen3-4B-DFlash-b16), set train.sft_steps > 0, or, to run it anyway, "
+                             "train.allow_random_init_opd=true")
+        if self.learner.lr_schedule == "cosine" and not self.learner.total_steps:
+            self.learner.total_steps = train.sft_steps + train.opd_steps  # the decay ends with the run
 
 
 def _key_paths(cls, prefix: str = "") -> list[str]:

@@ -13,14 +13,14 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from speculative.drafter import DrafterConfig
-from speculative.formats import FORMATS, serving_blockers, to_dflash, to_eagle3
+from speculative.drafter import DrafterConfig, read_native_config
+from speculative.formats import FORMATS, serving_blockers, to_format
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "draft/config.json", "draft/model.safetensors")
 OWNED = ("config.json", "model.safetensors", "training_config.yaml", "README.md", *FORMATS)  # what --force replaces
@@ -57,9 +57,8 @@ def read_run(run_dir: Path) -> Run:
         raise FileNotFoundError(f"not a finished run directory: no {', '.join(missing)} in {run_dir}; pass runs/<name> "
                                 "of a run that finished (`draft-opd train` writes draft/ and summary.json at the end)")
     raw = json.loads((run_dir / "draft" / "config.json").read_text())
-    known = {f.name for f in fields(DrafterConfig)}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return Run(dir=run_dir, draft=DrafterConfig(**{k: v for k, v in raw.items() if k in known}),
+    return Run(dir=run_dir, draft=read_native_config(raw),
                config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")),
                summary=json.loads((run_dir / "summary.json").read_text()), metrics=metrics)
 
@@ -124,7 +123,7 @@ def serving_checkpoint(run: Run, fmt: str) -> tuple[dict, dict]:
     """The (config, tensors) of `fmt`, built in memory so that a failure leaves OUT_DIR untouched."""
     state = load_file(str(run.dir / "draft" / "model.safetensors"))
     layers, positions = target_shape(run.config.get("target") or {})
-    return to_dflash(run.draft, state, layers, positions) if fmt == "dflash" else to_eagle3(run.draft, state, positions)
+    return to_format(fmt, run.draft, state, layers, positions)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, formats: str = "auto", force: bool = False) -> Exported:

@@ -30,8 +30,10 @@ class LearnerConfig:
     zero_stage: int = 2
     dtype: str = "float32"  # float32 | bfloat16
     lr: float = 6e-4  # DFlash SFT; the Draft-OPD run used 3e-4
-    opd_lr: float | None = None  # learning rate of the OPD phase; None: lr
+    opd_lr: float | None = None  # learning rate of the OPD phase on the same schedule; None: lr
+    lr_schedule: str = "constant"  # constant: warm-up, then lr; cosine: linear warm-up, then cosine decay to 0
     warmup_steps: int = 10
+    total_steps: int = 0  # cosine: the step its decay ends; 0: train.sft_steps + train.opd_steps (set at load)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 32  # sampled blocks per rank per step
@@ -40,6 +42,23 @@ class LearnerConfig:
     num_gpus: float = 0.0  # per rank
     timeout_s: float = 300.0  # any collective or blocking call
     seed: int = 0
+
+
+def lr_scheduler(cfg: LearnerConfig) -> dict:
+    """DeepSpeed's scheduler for `cfg.lr_schedule`: WarmupLR (log warm-up), or WarmupCosineLR as the Draft-OPD
+    reference script schedules its lr (linear warm-up, cosine to 0 at `total_steps`)."""
+    if cfg.lr <= 0:
+        raise ValueError(f"learner.lr must be > 0 (got {cfg.lr})")
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "constant":
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": warmup}}
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"learner.lr_schedule must be constant or cosine (got {cfg.lr_schedule!r})")
+    if cfg.total_steps < 1:
+        raise ValueError("learner.lr_schedule=cosine needs learner.total_steps >= 1 (a run config sets it to "
+                         "train.sft_steps + train.opd_steps)")
+    return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.total_steps, "warmup_num_steps": warmup,
+                                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict:
@@ -54,8 +73,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                   "torch_adam": True}},  # no fused-Adam build on CPU
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-                                                     "warmup_num_steps": max(cfg.warmup_steps, 1)}},
+        "scheduler": lr_scheduler(cfg),
         "zero_optimization": {"stage": cfg.zero_stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -113,8 +131,8 @@ class Learner:
         out = phase_loss(phase, self.engine, batch, self.features, self.objective, rng)
         self.engine.backward(out["loss"])
         if phase == "opd" and self.cfg.opd_lr is not None:
-            for group in self.engine.optimizer.param_groups:  # the scheduler resets it after each step
-                group["lr"] = self.cfg.opd_lr
+            for group in self.engine.optimizer.param_groups:  # the scheduler sets it again after each step
+                group["lr"] *= self.cfg.opd_lr / self.cfg.lr
         self.engine.step()
         self.steps += 1
         metrics = {k: float(v.detach()) for k, v in out.items()}

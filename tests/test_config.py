@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import ConfigError, load_config
+from learner.engine import deepspeed_config
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -40,3 +41,21 @@ def test_bad_overrides_name_the_problem(override, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("configs/nope.yaml")
+
+
+def test_opd_from_a_random_draft_without_sft_is_refused_unless_asked_for():
+    with pytest.raises(ConfigError, match=r"train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD "
+                                          r"from a random draft.*pass draft=PATH.*train.allow_random_init_opd=true"):
+        load_config("configs/tiny.yaml", ["train.sft_steps=0"])
+    for allowed in (["train.allow_random_init_opd=true"], ["draft=/models/sft-draft"], ["train.opd_steps=0"]):
+        assert load_config("configs/tiny.yaml", ["train.sft_steps=0", *allowed]).train.sft_steps == 0
+
+
+@pytest.mark.parametrize("size", ["4b", "8b"])
+def test_qwen3_configs_start_opd_from_the_published_draft_as_the_reference_script(size):
+    cfg = load_config(f"configs/qwen3-{size}.yaml")
+    assert cfg.draft.path == f"z-lab/Qwen3-{size.upper()}-DFlash-b16" and cfg.train.sft_steps == 0
+    assert (cfg.objective.opd_decay, cfg.target.thinking, cfg.learner.lr) == (0.8, False, 3e-4)
+    assert cfg.learner.lr_schedule == "cosine" and cfg.learner.total_steps == cfg.train.opd_steps
+    assert deepspeed_config(cfg.learner)["scheduler"]["type"] == "WarmupCosineLR"
+    assert deepspeed_config(load_config("configs/tiny.yaml").learner)["scheduler"]["type"] == "WarmupLR"

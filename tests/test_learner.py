@@ -1,6 +1,8 @@
 """DeepSpeed learner ranks as Ray actors: ZeRO-2/3 at world size 2 update like world size 1; published weights
 reach rollout actors and change their proposals."""
 
+import math
+
 import pytest
 import ray
 import torch
@@ -69,3 +71,27 @@ def test_opd_phase_uses_its_own_learning_rate(batches):
     assert all(torch.equal(before[k], after_opd[k]) for k in before)
     learner.train_step("sft", batches[2])
     assert any(not torch.equal(before[k], v) for k, v in learner.drafter.state_dict().items())
+
+
+def test_cosine_schedule_sets_the_lr_of_every_step(batches):
+    """learner.lr_schedule=cosine: linear warm-up to lr, then cosine decay to 0 at total_steps (DeepSpeed's
+    WarmupCosineLR, which steps after each optimizer step: step s runs at the schedule's value for s - 1, 0 for
+    step 0). The lr each step runs at follows it, and the first step (lr 0) leaves the draft as it was."""
+    lr, warmup, total = 1e-2, 2, 6
+    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=lr, lr_schedule="cosine", warmup_steps=warmup,
+                                                   total_steps=total, timeout_s=60), ObjectiveConfig())
+    initial = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
+    used = []
+    for step in range(total):
+        used.append(learner.engine.optimizer.param_groups[0]["lr"])
+        learner.train_step("sft", batches[step % len(batches)])
+        if step == 0:
+            assert all(torch.equal(initial[k], v) for k, v in learner.drafter.state_dict().items())
+    def schedule(s: int) -> float:
+        if s < warmup:
+            return lr * max(s, 0) / warmup
+        return lr * (1 + math.cos(math.pi * min(1.0, (s - warmup + 1) / (total - warmup)))) / 2
+
+    assert used == pytest.approx([schedule(s - 1) for s in range(total)])
+    assert max(used) == pytest.approx(lr * (1 + math.cos(math.pi / 4)) / 2)  # just past warm-up, then down
+    assert any(not torch.equal(initial[k], v) for k, v in learner.drafter.state_dict().items())
