@@ -1,5 +1,8 @@
 """The speculative decode loop: prefill, draft, verify, commit, crop. Batch 1, as the field measures.
 
+The steps of one sequence (`start_row`, `draft_block`, `commit_block`, `finish_row`) are shared with
+the batched rollout loop in `speculative.batch_decode`.
+
 Block size 1 (no drafter) is plain autoregressive decoding through the same loop, so the
 speedup baseline pays exactly the same per-step overheads. Each verify step yields a
 `StepRecord` (anchor, proposals, accept length, the target's log-probs of drafted and of
@@ -12,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
-from speculative.drafter import Drafter
+from speculative.drafter import Drafter, DraftState
 from speculative.target import Target, crop_cache
 from speculative.verify import sampling_probs, verify_greedy, verify_sampling
 
@@ -121,73 +125,119 @@ def _step_record(anchor: int, draft: torch.Tensor, accepted: int, logp: torch.Te
     return record
 
 
+@dataclass
+class Row:
+    """One sequence being decoded: its result so far, where its next block starts, its drafter state and sampler.
+
+    `generate` drives one Row; `speculative.batch_decode` drives several over a shared target cache. Both
+    use the same steps (`start_row`, `draft_block`, `commit_block`, `finish_row`), so a row's records do
+    not depend on how many rows share the verify pass.
+    """
+
+    result: DecodeResult
+    anchor_pos: int  # position of the last committed token (not yet in the target cache)
+    anchor: torch.Tensor  # that token, shape []
+    state: DraftState | None
+    pick: TokenPicker
+    generator: torch.Generator
+    stop_ids: torch.Tensor
+    kept: list[torch.Tensor] = field(default_factory=list)  # target features, with DecodeConfig.keep_features
+
+    def done(self, cfg: DecodeConfig) -> bool:
+        return self.result.stopped or self.result.num_new_tokens >= cfg.max_new_tokens
+
+
+def start_row(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None, cfg: DecodeConfig,
+              cache: DynamicCache, seed: int) -> Row:
+    """Prefill `prompt` into `cache`, pick the first token and hand the prompt's features to the drafter."""
+    prompt_ids = torch.as_tensor(prompt, dtype=torch.long, device=target.device).view(-1)
+    if prompt_ids.numel() == 0:
+        raise ValueError("empty prompt: at least one token is needed to start decoding")
+    block = block_size_of(drafter, cfg)
+    check_context(target, prompt_ids.numel(), cfg.max_new_tokens, block)
+    generator = torch.Generator(device=target.device).manual_seed(seed)
+    pick = TokenPicker(cfg.temperature, generator)
+    stops = target.stop_token_ids() if cfg.stop_token_ids is None else cfg.stop_token_ids
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=target.device)
+    use_draft = block > 1
+
+    t0 = time.perf_counter()
+    out = target.forward(prompt_ids, 0, cache, with_features=use_draft or cfg.keep_features)
+    first = pick(out.logits[-1:])
+    result = DecodeResult(tokens=prompt_ids.tolist() + first.tolist(), prompt_len=prompt_ids.numel(),
+                          committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist())
+    result.stopped = bool(torch.isin(first, stop_ids).any())
+    row = Row(result=result, anchor_pos=prompt_ids.numel(), anchor=first[0], pick=pick, generator=generator,
+              state=drafter.begin(out.features, prompt_ids) if use_draft else None, stop_ids=stop_ids)
+    if cfg.keep_features:
+        row.kept.append(out.features)
+    result.prefill_s = time.perf_counter() - t0
+    return row
+
+
+def draft_block(row: Row, drafter: Drafter | None, cfg: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row's proposals after its anchor (none with block size 1 or at the length limit) and their logits."""
+    n = min(block_size_of(drafter, cfg) - 1, cfg.max_new_tokens - row.result.num_new_tokens - 1)
+    if n > 0:
+        return drafter.propose(row.state, row.anchor, row.anchor_pos, n, row.pick)
+    return row.anchor.new_empty(0), None
+
+
+def commit_block(row: Row, draft: torch.Tensor, draft_logits: torch.Tensor | None, logits: torch.Tensor,
+                 features: torch.Tensor, drafter: Drafter | None, cfg: DecodeConfig) -> int:
+    """Verify the row's block from the target's `logits`/`features` ([1 + len(draft), ...]), commit the
+    accepted tokens and the bonus token, record the step and feed the drafter; returns the tokens committed.
+    The caller keeps the committed positions of its cache and drops the rest."""
+    result, n = row.result, draft.shape[0]
+    if cfg.temperature <= 0:
+        accepted, bonus = verify_greedy(draft, logits)
+    elif n > 0:
+        accepted, bonus = verify_sampling(draft, sampling_probs(draft_logits, cfg.temperature),
+                                          sampling_probs(logits, cfg.temperature), row.generator)
+    else:
+        accepted, bonus = 0, row.pick(logits[:1])[0]
+    verify_ids = torch.cat([row.anchor.view(1), draft])
+    committed = torch.cat([draft[:accepted], bonus.view(1)])
+    stops = torch.isin(committed, row.stop_ids).nonzero()
+    if stops.numel():
+        committed = committed[: int(stops[0]) + 1]
+        accepted, draft = min(accepted, int(stops[0])), draft[: min(accepted, int(stops[0]))]
+        result.stopped = True
+    logp = torch.log_softmax(logits, dim=-1)
+    result.committed_logprobs += logp[torch.arange(committed.numel()), committed].tolist()
+    result.tokens += committed.tolist()
+    if cfg.keep_features:
+        row.kept.append(features[: accepted + 1])
+    if row.state is not None:
+        result.steps.append(_step_record(row.anchor_pos, draft, accepted, logp, cfg.topk_logprobs))
+        drafter.extend(row.state, features[: accepted + 1], verify_ids[: accepted + 1], row.anchor_pos)
+    else:
+        result.steps.append(StepRecord(anchor=row.anchor_pos, draft_tokens=[], accept_len=0, draft_logprobs=[]))
+    row.anchor_pos, row.anchor = row.anchor_pos + accepted + 1, committed[-1]
+    return accepted + 1
+
+
+def finish_row(row: Row, last_features: torch.Tensor | None) -> DecodeResult:
+    """With DecodeConfig.keep_features, the features of the last token (never verified) complete the row's."""
+    if last_features is not None:
+        row.result.features = torch.cat([*row.kept, last_features])
+    return row.result
+
+
 @torch.inference_mode()
 def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None = None,
              cfg: DecodeConfig | None = None) -> DecodeResult:
     """Decode one prompt; token-identical to plain greedy decoding at T = 0, distribution-exact at T > 0."""
     cfg = cfg or DecodeConfig()
-    block = block_size_of(drafter, cfg)
-    prompt_ids = torch.as_tensor(prompt, dtype=torch.long, device=target.device).view(-1)
-    if prompt_ids.numel() == 0:
-        raise ValueError("empty prompt: at least one token is needed to start decoding")
-    check_context(target, prompt_ids.numel(), cfg.max_new_tokens, block)
-    generator = torch.Generator(device=target.device).manual_seed(cfg.seed)
-    pick = TokenPicker(cfg.temperature, generator)
-    stops = target.stop_token_ids() if cfg.stop_token_ids is None else cfg.stop_token_ids
-    stop_ids = torch.tensor(stops, dtype=torch.long, device=target.device)
-    use_draft = block > 1
-    with_features = use_draft or cfg.keep_features
-    kept: list[torch.Tensor] = []
-
-    t0 = time.perf_counter()
     cache = target.new_cache()
-    out = target.forward(prompt_ids, 0, cache, with_features=with_features)
-    if cfg.keep_features:
-        kept.append(out.features)
-    first = pick(out.logits[-1:])
-    result = DecodeResult(tokens=prompt_ids.tolist() + first.tolist(), prompt_len=prompt_ids.numel(),
-                          committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist())
-    state = drafter.begin(out.features, prompt_ids) if use_draft else None
-    result.stopped = bool(torch.isin(first, stop_ids).any())
+    row = start_row(target, prompt, drafter, cfg, cache, cfg.seed)
     t1 = time.perf_counter()
-    result.prefill_s = t1 - t0
-
-    anchor_pos, anchor = prompt_ids.numel(), first
-    while not result.stopped and result.num_new_tokens < cfg.max_new_tokens:
-        n = min(block - 1, cfg.max_new_tokens - result.num_new_tokens - 1)
-        if n > 0:
-            draft, draft_logits = drafter.propose(state, anchor, anchor_pos, n, pick)
-        else:
-            draft, draft_logits = anchor.new_empty(0), None
-        verify_ids = torch.cat([anchor.view(1), draft])
-        out = target.forward(verify_ids, anchor_pos, cache, with_features=with_features)
-        if cfg.temperature <= 0:
-            accepted, bonus = verify_greedy(draft, out.logits)
-        elif n > 0:
-            accepted, bonus = verify_sampling(draft, sampling_probs(draft_logits, cfg.temperature),
-                                              sampling_probs(out.logits, cfg.temperature), generator)
-        else:
-            accepted, bonus = 0, pick(out.logits[:1])[0]
-        committed = torch.cat([draft[:accepted], bonus.view(1)])
-        stops = torch.isin(committed, stop_ids).nonzero()
-        if stops.numel():
-            committed = committed[: int(stops[0]) + 1]
-            accepted, draft = min(accepted, int(stops[0])), draft[: min(accepted, int(stops[0]))]
-            result.stopped = True
-        logp = torch.log_softmax(out.logits, dim=-1)
-        result.committed_logprobs += logp[torch.arange(committed.numel()), committed].tolist()
-        result.tokens += committed.tolist()
-        if cfg.keep_features:
-            kept.append(out.features[: accepted + 1])
-        if use_draft:
-            result.steps.append(_step_record(anchor_pos, draft, accepted, logp, cfg.topk_logprobs))
-            drafter.extend(state, out.features[: accepted + 1], verify_ids[: accepted + 1], anchor_pos)
-        else:
-            result.steps.append(StepRecord(anchor=anchor_pos, draft_tokens=[], accept_len=0, draft_logprobs=[]))
-        crop_cache(cache, anchor_pos + accepted + 1)
-        anchor_pos, anchor = anchor_pos + accepted + 1, committed[-1]
-    result.decode_s = time.perf_counter() - t1
-    if cfg.keep_features:  # the last token was never verified: one more step gives its features
-        kept.append(target.forward(anchor.view(1), anchor_pos, cache).features)
-        result.features = torch.cat(kept)
-    return result
+    with_features = row.state is not None or cfg.keep_features
+    while not row.done(cfg):
+        draft, draft_logits = draft_block(row, drafter, cfg)
+        out = target.forward(torch.cat([row.anchor.view(1), draft]), row.anchor_pos, cache, with_features)
+        commit_block(row, draft, draft_logits, out.logits, out.features, drafter, cfg)
+        crop_cache(cache, row.anchor_pos)
+    row.result.decode_s = time.perf_counter() - t1
+    last = target.forward(row.anchor.view(1), row.anchor_pos, cache).features if cfg.keep_features else None
+    return finish_row(row, last)

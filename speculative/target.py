@@ -68,8 +68,8 @@ def freeze_linears(module: nn.Module) -> nn.Module:
 
 @dataclass
 class TargetOutput:
-    logits: torch.Tensor  # [T, V] float32
-    features: torch.Tensor  # [T, len(feature_layers) * H]
+    logits: torch.Tensor  # [T, V] float32 ([B, T, V] from forward_batch)
+    features: torch.Tensor  # [T, len(feature_layers) * H] ([B, T, ...] from forward_batch)
 
 
 class Target:
@@ -124,14 +124,25 @@ class Target:
         """Run `input_ids` ([T] or [1, T]) at positions start..start+T-1 on top of `cache`."""
         ids = input_ids.view(1, -1)
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.forward_batch(ids, positions, cache, None, with_features)
+        return TargetOutput(logits=out.logits[0], features=out.features[0])
+
+    @torch.no_grad()
+    def forward_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None,
+                      visible: torch.Tensor | None, with_features: bool = True) -> TargetOutput:
+        """Run rows `input_ids` [B, T] at `positions` [B, T]; `visible` [B, 1, T, cached + T] (True = attend)
+        replaces the causal mask, so rows of a shared cache can hold different lengths. Outputs [B, T, ...]."""
         want_hidden = with_features and bool(self.feature_layers)
-        out = self.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None,
-                           output_hidden_states=want_hidden)
-        logits = self.lm_head(out.last_hidden_state[0]).float()
+        if visible is not None and self.config._attn_implementation != "sdpa":  # eager and others add a bias
+            visible = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(self.dtype).min)
+        out = self.decoder(input_ids=input_ids, position_ids=positions, attention_mask=visible, cache=cache,
+                           use_cache=cache is not None, output_hidden_states=want_hidden)
+        logits = self.lm_head(out.last_hidden_state).float()
         if want_hidden:
-            features = torch.cat([out.hidden_states[i + 1][0] for i in self.feature_layers], dim=-1)
+            features = torch.cat([out.hidden_states[i + 1] for i in self.feature_layers], dim=-1)
         else:
-            features = logits.new_empty(ids.shape[1], 0)
+            features = logits.new_empty(*input_ids.shape, 0)
         return TargetOutput(logits=logits, features=features)
 
     def stop_token_ids(self) -> list[int]:

@@ -3,22 +3,29 @@
 import pytest
 import torch
 
-from speculative.decode import DecodeConfig, generate
+from speculative.decode import DecodeConfig, DecodeResult, generate
 from tests.conftest import make_drafter
 
 
 class PartlyRightDrafter:
     """Wraps a real drafter: runs its propose (so its cache and feature bookkeeping are exercised), then
     overwrites a random-length prefix of the proposals with the true greedy continuation. Random drafters
-    alone would never be accepted; this makes every accept length from 0 to n occur."""
+    alone would never be accepted; this makes every accept length from 0 to n occur.
 
-    def __init__(self, drafter, reference: list[int], seed: int = 0):
-        self.inner, self.reference, self.cfg = drafter, reference, drafter.cfg
-        self.rng = torch.Generator().manual_seed(seed)
+    `references` are the plain greedy decodes of the prompts it may draft for; each sequence draws its
+    accept lengths from its own generator (seed + the reference's index), so a sequence is forced alike
+    whether it is decoded alone or batched with others."""
+
+    def __init__(self, drafter, references: list[DecodeResult], seed: int = 0):
+        self.inner, self.references, self.seed, self.cfg = drafter, references, seed, drafter.cfg
+        self.sequences: dict[int, tuple[list[int], torch.Generator]] = {}  # id(state) -> reference, generator
         self.proposals: list[tuple[int, torch.Tensor]] = []
 
     def begin(self, features, tokens):
-        return self.inner.begin(features, tokens)
+        state = self.inner.begin(features, tokens)
+        i = next(i for i, ref in enumerate(self.references) if ref.tokens[: ref.prompt_len] == tokens.tolist())
+        self.sequences[id(state)] = self.references[i].tokens, torch.Generator().manual_seed(self.seed + i)
+        return state
 
     def extend(self, state, features, tokens, start):
         self.inner.extend(state, features, tokens, start)
@@ -26,8 +33,9 @@ class PartlyRightDrafter:
     def propose(self, state, anchor, position, n, pick):
         draft, logits = self.inner.propose(state, anchor, position, n, pick)
         self.proposals.append((position, logits))
-        right = int(torch.randint(0, n + 1, (1,), generator=self.rng))
-        truth = torch.tensor(self.reference[position + 1: position + 1 + n], dtype=draft.dtype)
+        reference, rng = self.sequences[id(state)]
+        right = int(torch.randint(0, n + 1, (1,), generator=rng))
+        truth = torch.tensor(reference[position + 1: position + 1 + n], dtype=draft.dtype)
         draft = draft.clone()
         draft[: min(right, truth.numel())] = truth[:right]
         return draft, logits
@@ -48,7 +56,7 @@ def test_greedy_speculative_output_equals_plain_greedy(tiny_target, kind, block_
     random_spec = generate(tiny_target, prompt, drafter, cfg)
     assert random_spec.tokens == plain.tokens
 
-    helped = PartlyRightDrafter(drafter, plain.tokens, seed=prompt_len)
+    helped = PartlyRightDrafter(drafter, [plain], seed=prompt_len)
     spec = generate(tiny_target, prompt, helped, cfg)
     assert spec.tokens == plain.tokens
     assert spec.num_new_tokens == 48
@@ -65,7 +73,7 @@ def test_incremental_drafting_matches_drafting_from_scratch(tiny_target, kind):
     prompt = prompt_of(11, seed=3)
     plain = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
     drafter = make_drafter(tiny_target, kind, 6)
-    helped = PartlyRightDrafter(drafter, plain.tokens, seed=1)
+    helped = PartlyRightDrafter(drafter, [plain], seed=1)
     generate(tiny_target, prompt, helped, DecodeConfig(max_new_tokens=40))
     for position, logits in helped.proposals[1::3]:
         prefix = torch.tensor(plain.tokens[:position])
@@ -81,7 +89,7 @@ def test_incremental_drafting_matches_drafting_from_scratch(tiny_target, kind):
 def test_step_records_match_a_full_target_pass(tiny_target):
     prompt = prompt_of(13, seed=5)
     plain = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
-    helped = PartlyRightDrafter(make_drafter(tiny_target, "dflash", 8), plain.tokens, seed=2)
+    helped = PartlyRightDrafter(make_drafter(tiny_target, "dflash", 8), [plain], seed=2)
     spec = generate(tiny_target, prompt, helped, DecodeConfig(max_new_tokens=40, topk_logprobs=3))
     logp = torch.log_softmax(tiny_target.forward(torch.tensor(spec.tokens), 0, None).logits, -1)
     response_positions = torch.arange(spec.prompt_len, len(spec.tokens))
@@ -110,7 +118,7 @@ def test_stop_token_ends_both_decodes_at_the_same_place(tiny_target, kind):
     cut = free.response.index(stop)
     cfg = DecodeConfig(max_new_tokens=40, stop_token_ids=[stop])
     plain = generate(tiny_target, prompt, None, cfg)
-    helped = PartlyRightDrafter(make_drafter(tiny_target, kind, 16), free.tokens, seed=4)
+    helped = PartlyRightDrafter(make_drafter(tiny_target, kind, 16), [free], seed=4)
     spec = generate(tiny_target, prompt, helped, cfg)
     assert plain.response == free.response[: cut + 1]
     assert spec.tokens == plain.tokens and spec.stopped and plain.stopped

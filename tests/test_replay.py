@@ -13,7 +13,7 @@ def test_replay_logits_equal_the_rollout_proposal_logits(tiny_target, kind):
     prompt = prompt_of(12, seed=11)
     plain = generate(tiny_target, prompt, None, DecodeConfig(max_new_tokens=40))
     drafter = make_drafter(tiny_target, kind, 6)
-    helped = PartlyRightDrafter(drafter, plain.tokens, seed=5)
+    helped = PartlyRightDrafter(drafter, [plain], seed=5)
     spec = generate(tiny_target, prompt, helped, DecodeConfig(max_new_tokens=40))
     full = torch.tensor(spec.tokens)
     features = tiny_target.forward(full, 0, None).features
