@@ -159,14 +159,19 @@ def drafter_class(kind: str) -> type[Drafter]:
 def build_drafter(cfg: DrafterConfig, target, seed: int = 0) -> Drafter:
     """A freshly initialised drafter for `target` (seeded), sharing its embedding and LM head."""
     cfg = complete_config(cfg, target.config)
-    if cfg.kind == "dflash" and cfg.mask_token_id is None:
-        raise ValueError("a dflash drafter needs draft.mask_token_id (a token id the target never emits)")
-    if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
-        raise ValueError(f"draft.mask_token_id={cfg.mask_token_id} is not a token of this target "
-                         f"(vocab {cfg.vocab_size}); use an id the target never emits, e.g. an unused special token")
+    check_mask_token(cfg, "draft.mask_token_id")
     torch.manual_seed(seed)
     drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
     return drafter.to(target.dtype).eval()
+
+
+def check_mask_token(cfg: DrafterConfig, key: str) -> None:
+    """A DFlash block is [anchor, MASK...]: the mask must be a token of the target (one it never emits)."""
+    if cfg.kind == "dflash" and cfg.mask_token_id is None:
+        raise ValueError(f"a dflash drafter needs {key} (a token id the target never emits)")
+    if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
+        raise ValueError(f"{key}={cfg.mask_token_id} is not a token of this target (vocab {cfg.vocab_size}); "
+                         "use an id the target never emits, e.g. an unused special token")
 
 
 def native_config(cfg: DrafterConfig) -> dict:
@@ -249,6 +254,7 @@ def check_tensors(fmt: str, cfg: DrafterConfig, tensors: dict[str, torch.Tensor]
     if cfg.vocab_size != target.vocab_size or cfg.hidden_size != target.hidden_size:
         raise ValueError(f"config.json says hidden {cfg.hidden_size} and vocab {cfg.vocab_size}; this target has "
                          f"hidden {target.hidden_size} and vocab {target.vocab_size}: use a draft built for this target")
+    check_mask_token(cfg, "mask_token_id")
 
 
 def check_embedding(embedding: torch.Tensor, target) -> None:

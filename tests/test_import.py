@@ -231,6 +231,8 @@ def other_vocab_target():
                                              r"and vocab 300"),
     ("dflash", None, {"num_target_layers": 36}, None,
      r"this DFlash draft was built for a 36-layer target \(num_target_layers\); this target has 4 layers"),
+    ("dflash", None, {"dflash_config": {"mask_token_id": 320, "target_layer_ids": TINY_FEATURE_LAYERS}}, None,
+     r"mask_token_id=320 is not a token of this target \(vocab 320\)"),
     ("dflash", None, {"layer_types": ["full_attention", "sliding_attention"]}, None,
      r"this DFlash checkpoint uses sliding-window attention, which our drafters do not compute"),
     ("eagle3", None, {"norm_before_residual": True}, None, r"this EAGLE-3 checkpoint uses norm_before_residual"),
