@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, replace
+from typing import Iterator
 
 import ray
 import torch
@@ -22,7 +24,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.prompts import PromptPool, load_prompts
 from benchmarks.chat import render_prompt
 from buffer import Trajectory
-from speculative.decode import DecodeConfig, DecodeResult, generate
+from speculative.batch_decode import generate_batch
+from speculative.decode import (ContextTooLongError, DecodeConfig, DecodeResult, block_size_of, check_context,
+                                generate)
 from speculative.drafter import DraftSpec, make_drafter
 from speculative.target import TargetConfig, load_target
 
@@ -38,6 +42,7 @@ class RolloutConfig:
     store_features: bool = False  # store target features (fp16) so the learner needs no target copy
     target_dtype: str | None = None  # the rollout target's dtype when it should differ from target.dtype
     threads: int = 1  # torch threads per actor
+    batch_size: int = 1  # sequences decoded at once (one verify pass); run(n) rounds n up to a multiple of it
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
     placement_timeout_s: float = 60.0
@@ -84,6 +89,8 @@ class RolloutWorker:
 
     def __init__(self, target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, actor_index: int = 0,
                  buffer=None):
+        if rollout.batch_size < 1:
+            raise ValueError(f"rollout.batch_size must be >= 1 (got {rollout.batch_size}); 1 decodes one at a time")
         if rollout.threads > 0:
             torch.set_num_threads(rollout.threads)
         self.cfg, self.buffer = rollout, buffer
@@ -97,47 +104,67 @@ class RolloutWorker:
                                    topk_logprobs=rollout.topk_logprobs, keep_features=rollout.store_features)
 
     def rollout(self) -> Trajectory:
-        """One trajectory from the next prompt that fits the target's context (its first user turn).
+        """One trajectory from the next prompt that fits the target's context (its first user turn)."""
+        return next(self.rollouts(1))
+
+    def rollouts(self, count: int) -> Iterator[Trajectory]:
+        """`count` trajectories from the next prompts that fit; with rollout.batch_size > 1 they are decoded
+        that many at once and come in the order they finish."""
+        requests = self._requests(count)
+        if self.cfg.batch_size == 1:
+            for traj_id, prompt_id, prompt, seed in requests:
+                result = generate(self.target, prompt, self.drafter, replace(self.decode, seed=seed))
+                yield to_trajectory(result, traj_id, prompt_id, self.version, self.actor_id)
+            return
+        ids: list[tuple[str, str]] = []
+
+        def prompts() -> Iterator[tuple[list[int], int]]:
+            for traj_id, prompt_id, prompt, seed in requests:
+                ids.append((traj_id, prompt_id))
+                yield prompt, seed
+
+        for index, result in generate_batch(self.target, prompts(), self.drafter, self.decode, self.cfg.batch_size):
+            yield to_trajectory(result, *ids[index], self.version, self.actor_id)
+
+    def _requests(self, count: int) -> Iterator[tuple[str, str, list[int], int]]:
+        """(trajectory id, prompt id, prompt tokens, seed) of the next `count` prompts that fit the target's context.
 
         A prompt too long for prompt + rollout.max_new_tokens is skipped with a warning, so one long
         row cannot stop training; a whole pass over this actor's prompts with none that fits is an
         error rather than an endless loop.
         """
-        for _ in range(len(self.pool.indices)):
+        block, misses = block_size_of(self.drafter, self.decode), 0
+        while count > 0:
             epoch, conv = self.pool.next()
             traj_id = trajectory_id(epoch, conv)
-            result = self._decode_if_fits(conv.turns[0], traj_id)
-            if result is not None:
-                return to_trajectory(result, traj_id, f"{conv.benchmark}/{conv.id}", self.version, self.actor_id)
-        raise ValueError(f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from rollout.prompts="
-                         f"{self.cfg.prompts} fits the target's context with rollout.max_new_tokens="
-                         f"{self.cfg.max_new_tokens}; lower rollout.max_new_tokens or use shorter prompts")
-
-    def _decode_if_fits(self, user_turn: str, traj_id: str) -> DecodeResult | None:
-        """The turn's decode, or None with a warning when prompt + max_new_tokens exceed the target's context."""
-        import warnings
-
-        from speculative.decode import ContextTooLongError
-
-        prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": user_turn}], self.thinking)
-        cfg = replace(self.decode, seed=zlib.crc32(traj_id.encode()))  # same on every retry
-        try:
-            return generate(self.target, prompt, self.drafter, cfg)
-        except ContextTooLongError as err:
-            warnings.warn(f"{self.actor_id}: skipped prompt {traj_id}: {err.problem}; to keep it, lower "
-                          "rollout.max_new_tokens", stacklevel=2)
-            return None
+            prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
+            try:
+                check_context(self.target, len(prompt), self.cfg.max_new_tokens, block)
+            except ContextTooLongError as err:
+                warnings.warn(f"{self.actor_id}: skipped prompt {traj_id}: {err.problem}; to keep it, lower "
+                              "rollout.max_new_tokens", stacklevel=3)
+                misses += 1
+                if misses >= len(self.pool.indices):
+                    raise ValueError(f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from "
+                                     f"rollout.prompts={self.cfg.prompts} fits the target's context with rollout."
+                                     f"max_new_tokens={self.cfg.max_new_tokens}; lower rollout.max_new_tokens or "
+                                     "use shorter prompts") from None
+                continue
+            misses, count = 0, count - 1
+            yield traj_id, f"{conv.benchmark}/{conv.id}", prompt, zlib.crc32(traj_id.encode())  # same seed on retry
 
     def run(self, num_trajectories: int) -> dict[str, float]:
-        """Roll out and insert `num_trajectories`; returns tau and throughput of this batch of work."""
-        start, accepted, tokens = time.perf_counter(), [], 0
-        for _ in range(num_trajectories):
-            traj = self.rollout()
+        """Roll out and insert `num_trajectories` (rounded up to whole batches of rollout.batch_size); returns
+        tau and throughput of this batch of work."""
+        start, accepted, tokens, count = time.perf_counter(), [], 0, 0
+        batches = -(-num_trajectories // self.cfg.batch_size)
+        for traj in self.rollouts(batches * self.cfg.batch_size):
             insert(self.buffer, traj)
             accepted += traj.accept_len
             tokens += len(traj.input_ids) - traj.prompt_len
+            count += 1
         elapsed = time.perf_counter() - start
-        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": num_trajectories,
+        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": count,
                 "tau": statistics.fmean(accepted) + 1 if accepted else 1.0, "tokens_per_s": tokens / elapsed,
                 "acceptance_by_position": acceptance_by_position(accepted, self.drafter.cfg.block_size - 1),
                 "prompt_position": self.pool.position}

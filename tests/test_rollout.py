@@ -71,6 +71,28 @@ def test_stored_features_are_fp16_target_features(tiny_target):
     np.testing.assert_allclose(stored.features.astype(np.float32), expected.numpy(), atol=2e-2, rtol=1e-2)
 
 
+def test_batched_rollouts_equal_batch_one_trajectories():
+    """rollout.batch_size decodes several prompts per verify pass; at T = 0 the trajectories are batch 1's
+    (log-probs and fp16 features up to the rounding of batched verification)."""
+    rollout = replace(ROLLOUT, store_features=True)
+    one, many = ReplayBuffer(BufferConfig(topk=2)), ReplayBuffer(BufferConfig(topk=2))
+    RolloutWorker(TARGET, DRAFT, rollout, 0, one).run(5)
+    stats = RolloutWorker(TARGET, DRAFT, replace(rollout, batch_size=3), 0, many).run(5)
+    assert stats["trajectories"] == 6 and stats["prompt_position"] == 6  # whole batches
+    for i in range(5):
+        a, b = one.get(f"gsm8k_train/{i}@0"), many.get(f"gsm8k_train/{i}@0")
+        assert (b.input_ids, b.prompt_len, b.anchors, b.draft_tokens, b.accept_len, b.topk_ids) == (
+            a.input_ids, a.prompt_len, a.anchors, a.draft_tokens, a.accept_len, a.topk_ids)
+        np.testing.assert_allclose(b.committed_logprobs, a.committed_logprobs, atol=1e-4)
+        np.testing.assert_allclose(np.concatenate(b.draft_logprobs), np.concatenate(a.draft_logprobs), atol=1e-4)
+        np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32), atol=2e-2)
+
+
+def test_batch_size_below_one_is_a_clear_error():
+    with pytest.raises(ValueError, match="rollout.batch_size must be >= 1"):
+        RolloutWorker(TARGET, DRAFT, replace(ROLLOUT, batch_size=0))
+
+
 def test_newer_published_weights_change_proposals_and_older_ones_are_ignored():
     worker = RolloutWorker(TARGET, DRAFT, ROLLOUT, 0, None)
     prompt = render_prompt(worker.target.tokenizer, [{"role": "user", "content": "2+2?"}], True)
