@@ -253,7 +253,8 @@ def check_tensors(fmt: str, cfg: DrafterConfig, tensors: dict[str, torch.Tensor]
                              f"{cfg.hidden_size} and vocab {cfg.vocab_size}")
     if cfg.vocab_size != target.vocab_size or cfg.hidden_size != target.hidden_size:
         raise ValueError(f"config.json says hidden {cfg.hidden_size} and vocab {cfg.vocab_size}; this target has "
-                         f"hidden {target.hidden_size} and vocab {target.vocab_size}: use a draft built for this target")
+                         f"hidden {target.hidden_size} and vocab {target.vocab_size}: use a draft built for this "
+                         "target")
     check_mask_token(cfg, "mask_token_id")
 
 

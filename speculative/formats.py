@@ -10,9 +10,10 @@
 Neither format holds the embedding or, for DFlash, the LM head: the servers take them from the
 target, as our drafters do. A format is written only where it computes what our drafter computes;
 `serving_blockers` names what differs otherwise. The same mappings read such checkpoints back
-(`from_format`, used by `load_drafter`), refusing any that use a feature our drafters lack. Sources: z-lab/dflash `dflash/model.py`; SGLang
-`python/sglang/srt/models/{dflash,llama_eagle3}.py`; vLLM `vllm/model_executor/models/
-{qwen3_dflash,llama_eagle3}.py`; SpecForge `configs/qwen3-8b-{dflash,eagle3}.json`.
+(`from_format`, used by `load_drafter`), refusing any that use a feature our drafters lack.
+Sources: z-lab/dflash `dflash/model.py`; SGLang `python/sglang/srt/models/{dflash,llama_eagle3}.py`;
+vLLM `vllm/model_executor/models/{qwen3_dflash,llama_eagle3}.py`; SpecForge
+`specforge/modeling/draft/llama3_eagle.py`, `configs/qwen3-{4b,8b}-{dflash,eagle3}.json`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def _dflash_config(config: dict, num_target_layers: int | None) -> DrafterConfig
         raise ValueError(f"this DFlash draft was built for a {built_for}-layer target (num_target_layers); this target "
                          f"has {num_target_layers} layers: use a draft made for this target")
     if "target_layer_ids" not in dflash:
-        raise ValueError("no dflash_config.target_layer_ids in this DFlash config: the target layers it reads are unknown")
+        raise ValueError("no dflash_config.target_layer_ids in this DFlash config: the target layers it reads are "
+                         "unknown")
     _refuse_unsupported("DFlash", config, [
         ("causal attention (is_causal)", bool(_dflash_field(config, "is_causal"))),
         ("input_embedding_scale", _dflash_field(config, "input_embedding_scale") not in (None, 1, 1.0)),
@@ -181,7 +183,8 @@ def _eagle3_config(config: dict, block_size: int, num_target_layers: int | None)
         ("norm_before_residual", bool(config.get("norm_before_residual"))),
         ("a target_hidden_size other than hidden_size",
          config.get("target_hidden_size") not in (None, config.get("hidden_size"))),
-        (f"{config.get('num_hidden_layers')} decoder layers (EAGLE-3 has 1)", int(config.get("num_hidden_layers", 1)) != 1)])
+        (f"{config.get('num_hidden_layers')} decoder layers (EAGLE-3 has 1)",
+         int(config.get("num_hidden_layers", 1)) != 1)])
     draft_vocab = int(config.get("draft_vocab_size") or config["vocab_size"])
     return DrafterConfig(kind="eagle3", block_size=block_size, num_layers=1,
                          target_layer_ids=_eagle3_layer_ids(config, num_target_layers),
@@ -227,7 +230,9 @@ def to_format(fmt: str, cfg: DrafterConfig, state: State, num_target_layers: int
     """Our drafter as a checkpoint of `fmt` (NATIVE: as `Drafter.save` writes it)."""
     if fmt == NATIVE:
         return native_config(cfg), dict(state)
-    return to_dflash(cfg, state, num_target_layers, max_positions) if fmt == "dflash" else to_eagle3(cfg, state, max_positions)
+    if fmt == "dflash":
+        return to_dflash(cfg, state, num_target_layers, max_positions)
+    return to_eagle3(cfg, state, max_positions)
 
 
 def format_config(fmt: str, config: dict, num_target_layers: int, block_size: int | None = None) -> DrafterConfig:

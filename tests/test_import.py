@@ -26,7 +26,8 @@ from tests.test_export import make_run, trained
 DRAFT_VOCAB = 200
 # HF bookkeeping the published configs carry and our drafters do not use (EAGLE-3's are Qwen3 leftovers that
 # SpecForge's LlamaConfig ignores); everything else must survive import -> export unchanged
-METADATA = {"auto_map", "bos_token_id", "eos_token_id", "initializer_range", "transformers_version", "use_cache", "dtype"}
+METADATA = {"auto_map", "bos_token_id", "eos_token_id", "initializer_range", "transformers_version", "use_cache",
+            "dtype"}
 EAGLE3_LEFTOVERS = {"max_window_layers", "sliding_window", "use_sliding_window"}
 
 
@@ -50,7 +51,8 @@ def qwen3_fields(cfg: DrafterConfig, num_layers: int, target) -> dict:
     """The Qwen3/Llama fields of the published configs, at the source drafter's sizes."""
     return {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 256, "eos_token_id": 258,
             "head_dim": cfg.head_dim, "hidden_act": "silu", "hidden_size": cfg.hidden_size, "initializer_range": 0.02,
-            "intermediate_size": cfg.intermediate_size, "max_position_embeddings": target.config.max_position_embeddings,
+            "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": target.config.max_position_embeddings,
             "max_window_layers": num_layers, "num_attention_heads": cfg.num_heads, "num_hidden_layers": num_layers,
             "num_key_value_heads": cfg.num_kv_heads, "rms_norm_eps": cfg.rms_norm_eps, "rope_scaling": None,
             "rope_theta": cfg.rope_theta, "sliding_window": None, "tie_word_embeddings": False,
