@@ -9,7 +9,6 @@ the same class as a Ray actor, placed by `start_rollout_actors` in a placement g
 from __future__ import annotations
 
 import os
-import statistics
 import time
 import warnings
 import zlib
@@ -29,6 +28,7 @@ from speculative.decode import (ContextTooLongError, DecodeConfig, DecodeResult,
                                 generate)
 from speculative.drafter import DraftSpec, make_drafter
 from speculative.target import TargetConfig, load_target
+from speculative.tau import tau_mean, tau_pooled
 
 
 @dataclass
@@ -156,30 +156,32 @@ class RolloutWorker:
     def run(self, num_trajectories: int) -> dict[str, float]:
         """Roll out and insert `num_trajectories` (rounded up to whole batches of rollout.batch_size); returns
         tau and throughput of this batch of work."""
-        start, accepted, tokens, count = time.perf_counter(), [], 0, 0
+        start, accept_lens, tokens = time.perf_counter(), [], 0
         batches = -(-num_trajectories // self.cfg.batch_size)
         for traj in self.rollouts(batches * self.cfg.batch_size):
             insert(self.buffer, traj)
-            accepted += traj.accept_len
+            accept_lens.append(traj.accept_len)
             tokens += len(traj.input_ids) - traj.prompt_len
-            count += 1
         elapsed = time.perf_counter() - start
-        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": count,
-                "tau": statistics.fmean(accepted) + 1 if accepted else 1.0, "tokens_per_s": tokens / elapsed,
-                "acceptance_by_position": acceptance_by_position(accepted, self.drafter.cfg.block_size - 1),
+        steps = [a for accept_len in accept_lens for a in accept_len]
+        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": len(accept_lens),
+                "tau": tau_pooled(accept_lens), "tokens_per_s": tokens / elapsed,
+                "acceptance_by_position": acceptance_by_position(steps, self.drafter.cfg.block_size - 1),
                 "prompt_position": self.pool.position}
 
     def evaluate_tau(self, benchmark: str, num_prompts: int, max_new_tokens: int, path: str | None = None
                      ) -> dict[str, float]:
-        """Held-out tau of the current draft: mean over prompts of each prompt's mean tau (T = 0)."""
+        """Held-out tau of the current draft (T = 0): `eval_tau` is tau_mean (mean over prompts of each prompt's
+        mean), `eval_tau_pooled` tau_pooled."""
         from benchmarks.datasets import load_benchmark
 
-        per_prompt = []
+        accept_lens = []
         for conv in load_benchmark(benchmark, path, num_prompts):
             prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
             result = generate(self.target, prompt, self.drafter, DecodeConfig(max_new_tokens=max_new_tokens))
-            per_prompt.append(statistics.fmean(s.tau for s in result.steps) if result.steps else 1.0)
-        return {"eval_tau": statistics.fmean(per_prompt), "draft_version": self.version}
+            accept_lens.append([s.accept_len for s in result.steps])
+        return {"eval_tau": tau_mean(accept_lens), "eval_tau_pooled": tau_pooled(accept_lens),
+                "draft_version": self.version}
 
     def set_draft(self, version: int, weights: dict[str, torch.Tensor]) -> bool:
         """Apply published weights if they are newer than ours; drafter state is per-rollout, so nothing is cached."""

@@ -34,9 +34,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fault_injection import (flip_bytes, kill_tree, last_step, loadable_ids, records, segment_ids,
+from benchmarks.fault_injection import (flip_bytes, kill_tree, loadable_ids, segment_ids,
                                         stream_gaps, wait_for, worker_pids)
 from launch.config import load_config
+from launch.run_dir import RunDir
 
 STEPS = 40
 JOB = ["configs/tiny.yaml", "train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10",
@@ -71,17 +72,18 @@ def finish(job: subprocess.Popen, out_dir: Path, timeout_s: float = 600) -> str:
 
 
 def after_checkpoint(run_dir: Path, job: subprocess.Popen) -> None:
-    wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists() and last_step(run_dir) >= 13,
+    run = RunDir(run_dir)
+    wait_for(lambda: (run.checkpoint(10) / "state.json").exists() and run.last_step() >= 13,
              "step 13, past the checkpoint at step 10", running=lambda: job.poll() is None)
 
 
 def redone(run_dir: Path) -> int:
-    steps = [r["step"] for r in records(run_dir) if r["phase"] in ("sft", "opd")]
+    steps = [r["step"] for r in RunDir(run_dir).records() if r["phase"] in ("sft", "opd")]
     return len(steps) - len(set(steps))
 
 
 def completed(run_dir: Path) -> bool:
-    steps = {r["step"] for r in records(run_dir) if r["phase"] in ("sft", "opd")}
+    steps = {r["step"] for r in RunDir(run_dir).records() if r["phase"] in ("sft", "opd")}
     return (run_dir / "summary.json").exists() and steps == set(range(1, STEPS + 1)) and (run_dir / "draft").is_dir()
 
 
@@ -94,14 +96,14 @@ def in_place(name: str, out_dir: Path, actor_class: str, sig: signal.Signals) ->
     run_dir, started = out_dir / "tiny", time.perf_counter()
     job = start_job(out_dir)
     if actor_class == "RolloutWorker":
-        wait_for(lambda: last_step(run_dir) >= 3, "step 3", running=lambda: job.poll() is None)
+        wait_for(lambda: RunDir(run_dir).last_step() >= 3, "step 3", running=lambda: job.poll() is None)
     else:
         after_checkpoint(run_dir, job)
     pid = worker_pids(actor_class, job.pid)[0]
     os.kill(pid, sig)
     at_fault = segment_ids(run_dir)
     finish(job, out_dir)
-    faults = [r for r in records(run_dir) if r["phase"] == "fault"]
+    faults = [r for r in RunDir(run_dir).records() if r["phase"] == "fault"]
     return Row(name, bool(faults), completed(run_dir), redone(run_dir), len(at_fault - loadable_ids(run_dir)),
                prompts_missing(run_dir), time.perf_counter() - started)
 
@@ -112,7 +114,7 @@ def killed_job(name: str, out_dir: Path, corrupt: bool) -> Row:
     job = start_job(out_dir)
     after_checkpoint(run_dir, job)
     kill_tree(job.pid)
-    killed_at, at_fault = last_step(run_dir), segment_ids(run_dir)
+    killed_at, at_fault = RunDir(run_dir).last_step(), segment_ids(run_dir)
     if corrupt:
         flip_bytes(sorted((run_dir / "buffer").glob("seg-*.done"))[0].with_suffix(".arrow"))
     lost = len(at_fault - loadable_ids(run_dir))

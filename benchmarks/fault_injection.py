@@ -4,7 +4,6 @@ and read what a run directory says happened. Shared by `make bench-faults` and t
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from actors.prompts import PromptPool, load_prompts
 from actors.rollout import trajectory_id
 from buffer import BufferConfig, ReplayBuffer
 from launch.config import Config
+from launch.run_dir import RunDir
 
 
 def worker_pids(actor_class: str, root_pid: int) -> list[int]:
@@ -50,21 +50,12 @@ def wait_for(condition: Callable[[], bool], what: str, running: Callable[[], boo
         time.sleep(0.2)
 
 
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def last_step(run_dir: Path) -> int:
-    return max((r["step"] for r in records(run_dir) if r["phase"] in ("sft", "opd")), default=0)
-
-
 def segment_ids(run_dir: Path) -> set[str]:
     """traj_ids of every row that reached the buffer's files, sealed or not (a torn last batch is ignored)."""
     import pyarrow as pa
 
     ids: set[str] = set()
-    for data in (run_dir / "buffer").glob("seg-*.arrow"):
+    for data in RunDir(run_dir).buffer_dir.glob("seg-*.arrow"):
         try:
             with pa.OSFile(str(data)) as source:
                 for batch in pa.ipc.open_stream(source):
@@ -78,7 +69,7 @@ def loadable_ids(run_dir: Path) -> set[str]:
     """traj_ids a reopened buffer loads (sound sealed segments only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with ReplayBuffer(BufferConfig(dir=str(run_dir / "buffer"))) as buffer:
+        with ReplayBuffer(BufferConfig(dir=str(RunDir(run_dir).buffer_dir))) as buffer:
             return set(buffer.traj_ids())
 
 

@@ -18,6 +18,7 @@ from benchmarks.datasets import Conversation
 from speculative.decode import ContextTooLongError, DecodeConfig, DecodeResult, block_size_of, check_context, generate
 from speculative.drafter import Drafter
 from speculative.target import Target
+from speculative.tau import tau_mean, tau_pooled
 
 
 @dataclass
@@ -29,7 +30,11 @@ class TurnResult:
     lossless: bool
     tpot_plain: float
     tpot_spec: float | None
-    taus: list[int] = field(default_factory=list)
+    taus: list[int] = field(default_factory=list)  # per verify step
+
+    @property
+    def accept_lens(self) -> list[int]:
+        return [tau - 1 for tau in self.taus]
 
 
 @dataclass
@@ -51,7 +56,7 @@ class BenchmarkSummary:
 
 def summarize(benchmark: str, prompts: int, turns: list[TurnResult]) -> BenchmarkSummary:
     spec = [t for t in turns if t.tpot_spec is not None]
-    steps = sum(len(t.taus) for t in spec)
+    accept_lens = [t.accept_lens for t in spec]
     plain_tpot = statistics.fmean(t.tpot_plain for t in turns) if turns else float("nan")
     spec_tpot = statistics.fmean(t.tpot_spec for t in spec) if spec else None
     return BenchmarkSummary(
@@ -59,8 +64,8 @@ def summarize(benchmark: str, prompts: int, turns: list[TurnResult]) -> Benchmar
         prompts=prompts,
         turns=len(turns),
         new_tokens=sum(t.new_tokens for t in turns),
-        tau_mean=statistics.fmean(statistics.fmean(t.taus) for t in spec if t.taus) if steps else None,
-        tau_pooled=sum(sum(t.taus) for t in spec) / steps if steps else None,
+        tau_mean=tau_mean(accept_lens),
+        tau_pooled=tau_pooled(accept_lens),
         speedup=plain_tpot / spec_tpot if spec_tpot else None,
         tokens_per_s_spec=1.0 / spec_tpot if spec_tpot else None,
         tokens_per_s_plain=1.0 / plain_tpot if turns else float("nan"),

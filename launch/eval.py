@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from launch.config import Config, job_main, to_yaml
 from speculative.decode import DecodeConfig, generate
 from speculative.drafter import make_drafter
 from speculative.target import load_target
+from speculative.tau import tau_pooled
 
 
 def set_threads(n: int) -> None:
@@ -67,11 +67,12 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"eval ({label})", total=total, status="")
         for name, convs in sets.items():
-            taus: list[int] = []
+            accept_lens: list[list[int]] = []
 
-            def on_turn(result: TurnResult, name: str = name, taus: list[int] = taus) -> None:
-                taus.extend(result.taus)
-                tau = f"tau {statistics.fmean(taus):.2f}" if taus else "plain"
+            def on_turn(result: TurnResult, name: str = name, accept_lens: list[list[int]] = accept_lens) -> None:
+                accept_lens.append(result.accept_lens)
+                pooled = tau_pooled(accept_lens)
+                tau = f"tau {pooled:.2f}" if pooled else "plain"
                 progress.update(task, advance=1, status=f"{name}: {tau}, {result.new_tokens} tok")
 
             summary, turns[name] = run_benchmark(target, drafter, name, convs, decode, cfg.target.thinking, on_turn)

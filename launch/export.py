@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
+from launch.run_dir import RunDir
 from speculative.drafter import DrafterConfig, read_native_config
 from speculative.formats import FORMATS, serving_blockers, to_format
 
@@ -56,11 +57,10 @@ def read_run(run_dir: Path) -> Run:
     if missing:
         raise FileNotFoundError(f"not a finished run directory: no {', '.join(missing)} in {run_dir}; pass runs/<name> "
                                 "of a run that finished (`draft-opd train` writes draft/ and summary.json at the end)")
-    raw = json.loads((run_dir / "draft" / "config.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return Run(dir=run_dir, draft=read_native_config(raw),
-               config=OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")),
-               summary=json.loads((run_dir / "summary.json").read_text()), metrics=metrics)
+    run = RunDir(run_dir)
+    return Run(dir=run_dir, draft=read_native_config(json.loads((run.draft_dir / "config.json").read_text())),
+               config=OmegaConf.to_container(OmegaConf.load(run.config_file)), summary=run.summary(),
+               metrics=run.records())
 
 
 def prepare_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:

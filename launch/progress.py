@@ -43,7 +43,7 @@ class StepProgress:
 
     def __init__(self, console: Console, total: int, done: int, every_s: float = 30.0):
         self.console, self.total, self.every_s = console, total, every_s
-        self.start_step, self.start = done, time.monotonic()
+        self.origin: tuple[int, float] | None = None  # the first update: start-up is not a step's cost
         self.last_line, self.last_phase = 0.0, None
         self.bar: Progress | None = None
         if console.is_terminal:
@@ -67,6 +67,7 @@ class StepProgress:
                             **({"description": f"train [{phase}]"} if phase else {}))
             return
         now = time.monotonic()
+        self.origin = self.origin or (step, now)
         if phase == self.last_phase and step < self.total and now - self.last_line < self.every_s:
             return
         self.last_line, self.last_phase = now, phase
@@ -74,7 +75,7 @@ class StepProgress:
                            markup=False, highlight=False, soft_wrap=True)
 
     def remaining(self, step: int, now: float) -> str:
-        done = step - self.start_step
-        if done <= 0:
+        first_step, first_time = self.origin or (step, now)
+        if step <= first_step:
             return "ETA -"
-        return f"ETA {eta((now - self.start) / done * (self.total - step))}"
+        return f"ETA {eta((now - first_time) / (step - first_step) * (self.total - step))}"

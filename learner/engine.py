@@ -86,11 +86,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world_size: int, address: str, port: int) -> dict[str, str]:
+    """torch.distributed's variables for one rank. Ray shows each rank only the GPU it was given
+    (CUDA_VISIBLE_DEVICES), so the rank's device is index 0 there, whatever its global rank."""
+    return {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "MASTER_ADDR": address,
+            "MASTER_PORT": str(port)}
+
+
+@ray.remote(num_cpus=0)
+def rendezvous() -> tuple[str, int, str]:
+    """(address, free port, node id) of the node this task runs on: run where rank 0 will run, since the
+    store that the ranks meet at is rank 0's."""
+    return ray.util.get_node_ip_address(), free_port(), ray.get_runtime_context().get_node_id()
+
+
 def init_process_group(rank: int, world_size: int, address: str, port: int, timeout_s: float) -> None:
     import deepspeed
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank),
-                       "WORLD_SIZE": str(world_size), "MASTER_ADDR": address, "MASTER_PORT": str(port)})
+    os.environ.update(rank_env(rank, world_size, address, port))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed would JIT-compile its shared-memory allreduce here: ~30 s, and a rank killed mid-build leaves
@@ -123,6 +136,11 @@ class Learner:
     @property
     def drafter(self):
         return self.engine.module
+
+    def placement(self) -> dict[str, str]:
+        """Where this rank runs and the distributed environment it was given (for checks across nodes)."""
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+        return {"node_id": ray.get_runtime_context().get_node_id(), **{k: os.environ.get(k, "") for k in keys}}
 
     def train_step(self, phase: str, batch) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's share); gradients are averaged across ranks."""
@@ -183,14 +201,3 @@ class Learner:
 
 
 LearnerActor = ray.remote(Learner)
-
-
-def start_learners(target: TargetConfig, draft: DraftSpec, cfg: LearnerConfig, objective: ObjectiveConfig,
-                   buffer) -> list:
-    """`world_size` learner ranks as Ray actors joined in one process group."""
-    if cfg.world_size < 1:
-        raise ValueError(f"learner.world_size must be >= 1 (got {cfg.world_size})")
-    port = free_port()
-    address = ray.util.get_node_ip_address()
-    return [LearnerActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-            .remote(target, draft, cfg, objective, rank, address, port, buffer) for rank in range(cfg.world_size)]

@@ -15,8 +15,9 @@ import psutil
 import pytest
 import ray
 
-from benchmarks.fault_injection import kill_tree, last_step, records, stream_gaps, wait_for, worker_pids
+from benchmarks.fault_injection import kill_tree, stream_gaps, wait_for, worker_pids
 from launch.config import load_config
+from launch.run_dir import RunDir
 from launch.train import train
 from tests.test_train import SHORT_RUN
 
@@ -48,10 +49,11 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
     run_dir = tmp_path / "tiny"
     thread, summary = run_in_thread(cfg)
     try:
-        wait_for(lambda: last_step(run_dir) >= 3, "step 3", running=thread.is_alive)
+        wait_for(lambda: RunDir(run_dir).last_step() >= 3, "step 3", running=thread.is_alive)
         [rollout_pid] = worker_pids("RolloutWorker", os.getpid())
         os.kill(rollout_pid, signal.SIGKILL)  # mid-rollout: the actor is always rolling out
-        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive)
+        wait_for(lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)",
+                 running=thread.is_alive)
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGKILL)
         thread.join(timeout=600)
@@ -60,7 +62,7 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
         ray.shutdown()
     assert "error" not in summary, summary
     assert summary["learner_restarts"] == 1, summary
-    log = records(run_dir)
+    log = RunDir(run_dir).records()
     faults = [r["fault"] for r in log if r["phase"] == "fault"]
     assert faults == ["rollout actor died", "learner failed"], faults
     assert {r["step"] for r in log if r["phase"] in ("sft", "opd")} == set(range(1, 41))
@@ -78,7 +80,8 @@ def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
     run_dir = tmp_path / "tiny"
     thread, summary = run_in_thread(cfg)
     try:
-        wait_for(lambda: last_step(run_dir) >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive)
+        wait_for(lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)",
+                 running=thread.is_alive)
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGSTOP)  # alive but silent: only a timeout can notice
         thread.join(timeout=600)
@@ -87,7 +90,7 @@ def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
         ray.shutdown()
     assert "error" not in summary, summary
     assert summary["learner_restarts"] == 1, summary
-    [fault] = [r for r in records(run_dir) if r["phase"] == "fault"]
+    [fault] = [r for r in RunDir(run_dir).records() if r["phase"] == "fault"]
     assert "not done after 2 waits of learner.timeout_s=8 s" in fault["error"], fault
     assert not psutil.pid_exists(learner_pid) or psutil.Process(learner_pid).status() == psutil.STATUS_ZOMBIE
 
@@ -101,16 +104,16 @@ def test_killed_job_resumes_from_its_checkpoint_without_repeating_or_skipping(tm
                            start_new_session=True)
     try:
         wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists()
-                 and last_step(run_dir) >= 13, "step 13 (after the checkpoint at 10)",
+                 and RunDir(run_dir).last_step() >= 13, "step 13 (after the checkpoint at 10)",
                  running=lambda: job.poll() is None)
     finally:
         kill_tree(job.pid)
-    killed_at = last_step(run_dir)
+    killed_at = RunDir(run_dir).last_step()
     assert killed_at < 40, "the job finished before it was killed; nothing was tested"
     resumed = subprocess.run(args + ["resume=auto"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoints/step-0000010" in "".join(resumed.stderr.split())  # rich wraps long lines
-    log = records(run_dir)
+    log = RunDir(run_dir).records()
     steps = [r["step"] for r in log if r["phase"] in ("sft", "opd")]
     assert steps == list(range(1, 41))  # steps after the checkpoint were dropped from the log and done again
     assert [r["phase"] for r in log if "eval_tau" in r] == ["init", "final"]

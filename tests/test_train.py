@@ -156,5 +156,5 @@ def test_a_stage_past_its_deadline_stops_the_job_naming_it(tmp_path):
     line naming what it waited for and the setting that bounds it."""
     job = run_job(*SHORT_RUN, f"train.out_dir={tmp_path}", "train.stage_timeout_s=0.5")
     assert job.returncode == 1, job.stderr[-2000:]
-    last = job.stderr.strip().splitlines()[-1]
-    assert last.startswith("draft-opd train: error: ") and "not done after train.stage_timeout_s=0.5 s" in last, last
+    [said] = [line for line in job.stderr.splitlines() if line.startswith("draft-opd train: error: ")]  # Ray's own
+    assert "not done after train.stage_timeout_s=0.5 s" in said, said  # shutdown lines may follow it
