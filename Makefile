@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults dashboard ray-up ray-down clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ ray-down:
 
 bench-verify: smol
 	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml
+
+bench-rollout: smol
+	$(BIN)/python -m benchmarks.bench_rollout configs/smol.yaml
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer

@@ -162,7 +162,7 @@ def check_sections(cfg: Config) -> None:
     value fail at load, not later inside the buffer's Ray actor.
     """
     at_least("rollout", cfg.rollout, num_actors=1, num_prompts=1, max_new_tokens=1, temperature=0, topk_logprobs=0,
-             threads=0, num_cpus=0, num_gpus=0)
+             threads=0, num_cpus=0, num_gpus=0, batch_size=1)
     at_least("learner", cfg.learner, world_size=1, batch_size=1, warmup_steps=0, threads=0, num_cpus=0, num_gpus=0)
     deepspeed_config(cfg.learner)  # zero_stage, dtype
     try:

@@ -101,6 +101,7 @@ def test_rollout_prompts_need_one_per_actor(tmp_path):
     ("draft.num_layers=0", "bad config: draft.num_layers must be >= 1 (got 0)"),
     ("draft.kind=medusa", "unknown drafter kind 'medusa' (draft.kind)"),
     ("rollout.num_actors=0", "bad config: rollout.num_actors must be >= 1 (got 0)"),
+    ("rollout.batch_size=0", "bad config: rollout.batch_size must be >= 1 (got 0)"),
     ("rollout.max_new_tokens=0", "bad config: rollout.max_new_tokens must be >= 1 (got 0)"),
     ("rollout.temperature=-0.5", "bad config: rollout.temperature must be >= 0 (got -0.5)"),
     ("rollout.num_prompts=0", "bad config: rollout.num_prompts must be >= 1 (got 0)"),
