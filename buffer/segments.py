@@ -26,6 +26,12 @@ from buffer.schema import SCHEMA
 _NAME = re.compile(r"seg-(\d{6})\.(arrow|done)")
 
 
+def holds_sealed_segments(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a persisted buffer: at least one sealed segment."""
+    path = Path(directory)
+    return path.is_dir() and any((m := _NAME.fullmatch(p.name)) and m.group(2) == "done" for p in path.iterdir())
+
+
 class SegmentWarning(UserWarning):
     """A segment on disk could not be loaded and was skipped."""
 

@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from actors.prompts import load_prompts
 from actors.rollout import RolloutConfig
 from benchmarks.datasets import benchmark_names
-from buffer import BufferConfig, ReplayBuffer
+from buffer import BufferConfig, ReplayBuffer, holds_sealed_segments
 from learner.engine import LearnerConfig, deepspeed_config
 from learner.objective import ObjectiveConfig
 from speculative.drafter import DraftSpec
@@ -68,6 +68,7 @@ class TrainSection:
     max_learner_restarts: int = 3  # learner ranks that die or hang are replaced and resume from a checkpoint
     allow_random_init_opd: bool = False  # OPD from a random draft with no SFT before it is refused unless set
     stage_timeout_s: float = 1800.0  # longest wait for any other stage (start-up, an evaluation, the buffer)
+    sft_corpus: str | None = None  # a `draft-opd generate` corpus: the SFT phase trains on it offline, no rollouts
 
     def __post_init__(self) -> None:
         at_least("train", self, sft_steps=0, opd_steps=0, publish_every=1, rollouts_per_call=1, eval_prompts=1,
@@ -152,6 +153,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"bad config: {err}") from None
     check_benchmarks(cfg)
     check_rollout_prompts(cfg.rollout)
+    check_corpus(cfg.train)
     return cfg
 
 
@@ -205,6 +207,18 @@ def check_rollout_prompts(rollout: RolloutConfig) -> None:
     if count is not None and count < rollout.num_actors:
         raise ConfigError(f"rollout.prompts: {count} prompts cannot feed rollout.num_actors={rollout.num_actors} "
                           "actors; lower rollout.num_actors or add prompts")
+
+
+def check_corpus(train: TrainSection) -> None:
+    """An offline SFT corpus is found at load, not after the job started its actors."""
+    if train.sft_corpus is None:
+        return
+    if not holds_sealed_segments(train.sft_corpus):
+        raise ConfigError(f"train.sft_corpus={train.sft_corpus}: no corpus there; write one with "
+                          f"`draft-opd generate CONFIG generate.out={train.sft_corpus}`")
+    if train.sft_steps < 1:
+        raise ConfigError("train.sft_corpus is set but train.sft_steps=0: give the offline SFT phase steps, "
+                          "or drop train.sft_corpus")
 
 
 def to_yaml(cfg: Config) -> str:

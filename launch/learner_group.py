@@ -46,6 +46,7 @@ class LearnerGroup:
         wait_all([self.group.ready()], f"placing {learner.world_size} learner rank(s) ({bundle} each)",
                  cfg.train.stage_timeout_s, "train.stage_timeout_s")
         self.restarts = 0
+        self.offline = False  # sampling from an offline corpus instead of `buffer`
         self.ranks = self.start_ranks()
 
     def in_bundle(self, i: int) -> PlacementGroupSchedulingStrategy:
@@ -89,6 +90,13 @@ class LearnerGroup:
             raise RuntimeError(f"{err}; gave up after train.max_learner_restarts={limit} learner restarts") from err
         self.kill()
         self.ranks = self.start_ranks()
+        if self.offline:
+            self.call("use_buffer", self.buffer, True, what="pointing new learner ranks at the corpus")
+
+    def use_buffer(self, buffer, offline: bool) -> None:
+        """Every rank samples from `buffer` from now on (and so do ranks that replace them)."""
+        self.buffer, self.offline = buffer, offline
+        self.call("use_buffer", buffer, offline, what="switching the learners' sample source")
 
     def kill(self) -> None:
         for rank in self.ranks:

@@ -23,8 +23,10 @@ Fault = Callable[..., None]  # fault(kind, **details): how the job records a fau
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, buffer, positions: list[int] | None, version: int, on_fault: Fault):
-        self.cfg, self.buffer, self.on_fault = cfg, buffer, on_fault
+    def __init__(self, cfg: Config, buffer, positions: list[int] | None, version: int, on_fault: Fault,
+                 rolling: bool = True):
+        """`rolling=False`: the actors only evaluate (offline SFT) until `start_rolling`."""
+        self.cfg, self.buffer, self.on_fault, self.rolling = cfg, buffer, on_fault, rolling
         self.actors, self.group = start_rollout_actors(cfg.target, cfg.draft, cfg.rollout, buffer)
         self.positions = list(positions) if positions else [0] * len(self.actors)
         self.version, self.weights = version, None  # the draft handed out last (None: the initial one)
@@ -32,6 +34,7 @@ class RolloutFleet:
         self.tokens_per_s = [0.0] * len(self.actors)
         self.acceptance: deque[list[float]] = deque(maxlen=16)
         self.pending: dict[ray.ObjectRef, tuple[int, str]] = {}  # actor calls in flight
+        self.idle: set[int] = set()  # restored actors waiting for start_rolling
         for i in range(len(self.actors)):
             self.restore(i)  # then it rolls out
 
@@ -64,7 +67,20 @@ class RolloutFleet:
                 self.acceptance.append(result["acceptance_by_position"])
             elif self.weights is not None:  # restored: the current draft before it rolls out again
                 self.actors[i].set_draft.remote(self.version, self.weights)
-            self.pending[self.actors[i].run.remote(self.cfg.train.rollouts_per_call)] = (i, "run")
+            if self.rolling:
+                self.roll(i)
+            else:
+                self.idle.add(i)
+
+    def roll(self, i: int) -> None:
+        self.pending[self.actors[i].run.remote(self.cfg.train.rollouts_per_call)] = (i, "run")
+
+    def start_rolling(self) -> None:
+        """From now on every actor rolls out continuously."""
+        self.rolling = True
+        for i in sorted(self.idle):
+            self.roll(i)
+        self.idle.clear()
 
     def set_draft(self, version: int, weights: dict) -> None:
         """Put the weights once in the object store; every actor applies them between rollouts."""

@@ -25,7 +25,7 @@ import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from buffer import ReplayBufferActor
+from buffer import BufferConfig, ReplayBufferActor
 from launch.config import Config, job_main, load_config, one_line, to_yaml
 from launch.learner_group import LearnerFault, LearnerGroup
 from launch.progress import StepProgress, wait_all
@@ -34,6 +34,7 @@ from launch.run_dir import RunDir, RunState, read_state, write_state
 from launch.telemetry import Telemetry
 
 BOOKKEEPING = ("step_s", "tokens", "blocks", "staleness")  # learner results that are not loss terms
+CORPUS_CAPACITY = 10_000_000  # trajectories: a corpus is never evicted
 
 RUN_DEFINING = ("target", "draft", "rollout.prompts", "rollout.num_prompts", "rollout.num_actors",
                 "rollout.store_features", "rollout.topk_logprobs", "learner.world_size", "learner.zero_stage",
@@ -120,6 +121,12 @@ def run_settings(cfg: Config) -> dict[str, object]:
 # --- the parts of a running job -------------------------------------------------------------------
 
 
+def corpus_config(cfg: Config) -> BufferConfig:
+    """The offline SFT corpus (written by `draft-opd generate`) as a buffer: read whole, sampled freely."""
+    return BufferConfig(dir=cfg.train.sft_corpus, capacity=CORPUS_CAPACITY, min_size_to_sample=1,
+                        samples_per_insert=None, seed=cfg.buffer.seed, timeout_s=cfg.buffer.timeout_s)
+
+
 class Job:
     """The replay buffer, rollout fleet, learner group and telemetry of one run, and what a step does with them."""
 
@@ -133,9 +140,14 @@ class Job:
                                                replace(cfg.buffer, dir=str(run.buffer_dir)))
         if state is not None:
             self.get(self.buffer.load_state_dict.remote(state.buffer), "reopening the replay buffer")
+        offline = bool(cfg.train.sft_corpus) and (state.step if state else 0) < cfg.train.sft_steps
         self.fleet = RolloutFleet(cfg, self.buffer, state.positions if state else None,
-                                  state.version if state else 0, self.fault)
+                                  state.version if state else 0, self.fault, rolling=not offline)
         self.learners = LearnerGroup(cfg, self.buffer, console)
+        if offline:
+            console.print(f"offline SFT on the corpus {cfg.train.sft_corpus} for {cfg.train.sft_steps} steps; "
+                          "rollouts start with the OPD phase")
+            self.learners.use_buffer(ReplayBufferActor.remote(corpus_config(cfg)), offline=True)
         self.tau_before = state.tau_before if state else None
         self.eval_pending: tuple[int, ray.ObjectRef] | None = None  # a periodic evaluation in flight
 
@@ -205,6 +217,9 @@ class Job:
     def step(self, step: int) -> dict:
         """Learner step `step + 1`: every rank samples and trains; then publish, log and evaluate when due."""
         phase, train = phase_of(step, self.cfg), self.cfg.train
+        if phase == "opd" and self.learners.offline:  # offline SFT is over: rollouts feed the learners
+            self.learners.use_buffer(self.buffer, offline=False)
+            self.fleet.start_rolling()
         results = self.call_learners("step", phase, self.fleet.version, what=f"learner step {step + 1}")
         record = {"step": step + 1, "phase": phase, "loss": statistics.fmean(r["loss"] for r in results),
                   "tau": self.fleet.tau(), "draft_version": self.fleet.version,

@@ -38,6 +38,7 @@ class LearnerConfig:
     grad_clip: float = 1.0
     batch_size: int = 32  # sampled blocks per rank per step
     threads: int = 1  # torch threads per rank
+    offline_threads: int = 0  # during offline SFT, when no rollout actor runs; 0: this node's cores / world_size
     num_cpus: float = 1.0  # per rank
     num_gpus: float = 0.0  # per rank
     timeout_s: float = 300.0  # any collective or blocking call
@@ -157,6 +158,15 @@ class Learner:
         metrics.update(step_s=time.perf_counter() - start, blocks=len(batch),
                        tokens=int(batch.committed_mask.sum() + batch.rejected_mask.sum()))
         return metrics
+
+    def use_buffer(self, buffer, offline: bool) -> None:
+        """Sample from `buffer` from now on: an offline corpus, whose phase has the cores to itself, or the
+        rollouts' buffer, whose actors need theirs."""
+        self.buffer = buffer
+        threads = (self.cfg.offline_threads or max(1, (os.cpu_count() or 1) // self.cfg.world_size)) if offline \
+            else self.cfg.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
 
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""

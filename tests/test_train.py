@@ -16,7 +16,8 @@ import ray
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch.config import load_config, to_yaml
+from launch.config import ConfigError, load_config, to_yaml
+from launch.run_dir import RunDir
 from launch.train import train
 from learner.engine import free_port
 from speculative.drafter import load_drafter
@@ -158,3 +159,32 @@ def test_a_stage_past_its_deadline_stops_the_job_naming_it(tmp_path):
     assert job.returncode == 1, job.stderr[-2000:]
     [said] = [line for line in job.stderr.splitlines() if line.startswith("draft-opd train: error: ")]  # Ray's own
     assert "not done after train.stage_timeout_s=0.5 s" in said, said  # shutdown lines may follow it
+
+
+def test_offline_sft_on_a_corpus_then_online_opd(tmp_path):
+    """train.sft_corpus: the SFT phase samples a corpus of target text while no rollout runs (the rollout buffer
+    stays empty), then OPD starts the rollouts; held-out tau rises."""
+    from actors.rollout import RolloutConfig, RolloutWorker
+    from buffer import BufferConfig, ReplayBuffer
+
+    base = load_config("configs/tiny.yaml", SHORT_RUN)
+    with ReplayBuffer(BufferConfig(dir=str(tmp_path / "corpus"))) as corpus:  # T=0: the target's own text
+        RolloutWorker(base.target, base.draft, RolloutConfig(num_prompts=4, max_new_tokens=32), 0, corpus).run(4)
+    cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}",
+                                                        f"train.sft_corpus={tmp_path / 'corpus'}"])
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        summary = train(cfg, Console(file=io.StringIO()))
+    finally:
+        ray.shutdown()
+    steps = [r for r in RunDir(tmp_path / "tiny").records() if r["phase"] in ("sft", "opd")]
+    sft, opd = [r for r in steps if r["phase"] == "sft"], [r for r in steps if r["phase"] == "opd"]
+    assert len(sft) == 20 and len(opd) == 10
+    assert all(r["buffer_size"] == 0 and r["rollout_tokens_per_s"] == 0 for r in sft)  # no rollout ran
+    assert opd[-1]["buffer_size"] > 0
+    assert summary["tau_after"] > summary["tau_before"], summary
+
+
+def test_a_missing_corpus_is_refused_at_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.sft_corpus=.*no corpus there; write one with `draft-opd generate"):
+        load_config("configs/tiny.yaml", [f"train.sft_corpus={tmp_path}"])
