@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout dashboard ray-up ray-down clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-verify: smol
 
 bench-rollout: smol
 	$(BIN)/python -m benchmarks.bench_rollout configs/smol.yaml
+
+bench-learner: smol
+	$(BIN)/python -m benchmarks.bench_learner configs/smol.yaml
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer
