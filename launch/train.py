@@ -66,8 +66,8 @@ def phase_of(step: int, cfg: Config) -> str:
 def prepare(cfg: Config, run: RunDir, console: Console) -> RunState | dict | None:
     """A checkpoint's state to resume from, a finished run's summary (nothing to do), or None (fresh)."""
     if cfg.resume == "never":
-        if run.earlier_run():
-            raise ValueError(f"{run} holds an earlier run ({', '.join(run.earlier_run())}); continue it with "
+        if earlier := run.earlier_run():
+            raise ValueError(f"{run} holds an earlier run ({', '.join(earlier)}); continue it with "
                              "resume=auto, or start a new one with name=NEW_NAME")
         run.path.mkdir(parents=True, exist_ok=True)
         return None
