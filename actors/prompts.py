@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.datasets import Conversation, benchmark_names, load_benchmark, load_prompt_file
 
 
-def load_prompts(source: str, num_prompts: int | None = None) -> list[Conversation]:
-    """A benchmark name (gsm8k_train, code_alpaca, ...) or any JSON/JSONL prompt file."""
+def load_prompts(source: str, num_prompts: int | None = None, key: str = "rollout.prompts") -> list[Conversation]:
+    """A benchmark name (gsm8k_train, code_alpaca, ...) or any JSON/JSONL prompt file; errors name `key`."""
     if source in benchmark_names():
         conversations = load_benchmark(source, num_prompts=num_prompts)
     elif Path(source).suffix in (".json", ".jsonl"):
         conversations = load_prompt_file(source)[:num_prompts]
     else:
-        raise ValueError(f"rollout.prompts={source!r} is neither a benchmark ({', '.join(benchmark_names())}) "
+        close = difflib.get_close_matches(source, benchmark_names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{key}={source!r} is neither a benchmark{hint} ({', '.join(benchmark_names())}) "
                          "nor a .json/.jsonl prompt file")
     if not conversations:
-        raise ValueError(f"rollout.prompts={source!r} holds no prompts")
+        raise ValueError(f"{key}={source!r} holds no prompts")
     return conversations
 
 

@@ -13,7 +13,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ray
 import torch
@@ -69,6 +69,49 @@ def trajectory_id(epoch: int, conv) -> str:
     return f"{conv.benchmark}/{conv.id}@{epoch}"
 
 
+@dataclass(frozen=True)
+class Request:
+    """A prompt ready to decode: its trajectory id, prompt id, rendered tokens (first user turn) and seed."""
+
+    traj_id: str
+    prompt_id: str
+    prompt: list[int]
+    seed: int  # from the trajectory id: a retried or resumed prompt samples the same tokens
+
+    @classmethod
+    def of(cls, tokenizer, epoch: int, conv, thinking: bool) -> Request:
+        traj_id = trajectory_id(epoch, conv)
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": conv.turns[0]}], thinking)
+        return cls(traj_id, f"{conv.benchmark}/{conv.id}", prompt, zlib.crc32(traj_id.encode()))
+
+
+def fits_context(target, request: Request, max_new_tokens: int, block_size: int, who: str, key: str) -> bool:
+    """Whether prompt + `max_new_tokens` fit the target's context; if not, a warning names the prompt and `key`,
+    the setting that would keep it: a long prompt is skipped, it does not stop a job."""
+    try:
+        check_context(target, len(request.prompt), max_new_tokens, block_size)
+    except ContextTooLongError as err:
+        warnings.warn(f"{who}: skipped prompt {request.traj_id}: {err.problem}; to keep it, lower {key}",
+                      stacklevel=3)
+        return False
+    return True
+
+
+def decode_requests(target, drafter, decode: DecodeConfig, batch_size: int, requests: Iterable[Request]
+                    ) -> Iterator[tuple[Request, DecodeResult]]:
+    """(request, result) in the order rows finish, `batch_size` rows per target pass (`generate_batch`);
+    requests are read lazily, one whenever a row is free."""
+    taken: list[Request] = []
+
+    def prompts() -> Iterator[tuple[list[int], int]]:
+        for request in requests:
+            taken.append(request)
+            yield request.prompt, request.seed
+
+    for index, result in generate_batch(target, prompts(), drafter, decode, batch_size):
+        yield taken[index], result
+
+
 def acceptance_by_position(accept_len: list[int], proposals: int) -> list[float]:
     """Share of verify steps whose draft token at block position j (1-based) was accepted."""
     if not accept_len:
@@ -112,22 +155,15 @@ class RolloutWorker:
         that many at once and come in the order they finish."""
         requests = self._requests(count)
         if self.cfg.batch_size == 1:
-            for traj_id, prompt_id, prompt, seed in requests:
-                result = generate(self.target, prompt, self.drafter, replace(self.decode, seed=seed))
-                yield to_trajectory(result, traj_id, prompt_id, self.version, self.actor_id)
-            return
-        ids: list[tuple[str, str]] = []
+            decoded = ((r, generate(self.target, r.prompt, self.drafter, replace(self.decode, seed=r.seed)))
+                       for r in requests)
+        else:
+            decoded = decode_requests(self.target, self.drafter, self.decode, self.cfg.batch_size, requests)
+        for request, result in decoded:
+            yield to_trajectory(result, request.traj_id, request.prompt_id, self.version, self.actor_id)
 
-        def prompts() -> Iterator[tuple[list[int], int]]:
-            for traj_id, prompt_id, prompt, seed in requests:
-                ids.append((traj_id, prompt_id))
-                yield prompt, seed
-
-        for index, result in generate_batch(self.target, prompts(), self.drafter, self.decode, self.cfg.batch_size):
-            yield to_trajectory(result, *ids[index], self.version, self.actor_id)
-
-    def _requests(self, count: int) -> Iterator[tuple[str, str, list[int], int]]:
-        """(trajectory id, prompt id, prompt tokens, seed) of the next `count` prompts that fit the target's context.
+    def _requests(self, count: int) -> Iterator[Request]:
+        """The next `count` prompts that fit the target's context.
 
         A prompt too long for prompt + rollout.max_new_tokens is skipped with a warning, so one long
         row cannot stop training; a whole pass over this actor's prompts with none that fits is an
@@ -135,14 +171,9 @@ class RolloutWorker:
         """
         block, misses = block_size_of(self.drafter, self.decode), 0
         while count > 0:
-            epoch, conv = self.pool.next()
-            traj_id = trajectory_id(epoch, conv)
-            prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
-            try:
-                check_context(self.target, len(prompt), self.cfg.max_new_tokens, block)
-            except ContextTooLongError as err:
-                warnings.warn(f"{self.actor_id}: skipped prompt {traj_id}: {err.problem}; to keep it, lower "
-                              "rollout.max_new_tokens", stacklevel=3)
+            request = Request.of(self.target.tokenizer, *self.pool.next(), self.thinking)
+            if not fits_context(self.target, request, self.cfg.max_new_tokens, block, self.actor_id,
+                                "rollout.max_new_tokens"):
                 misses += 1
                 if misses >= len(self.pool.indices):
                     raise ValueError(f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from "
@@ -151,7 +182,7 @@ class RolloutWorker:
                                      "use shorter prompts") from None
                 continue
             misses, count = 0, count - 1
-            yield traj_id, f"{conv.benchmark}/{conv.id}", prompt, zlib.crc32(traj_id.encode())  # same seed on retry
+            yield request
 
     def run(self, num_trajectories: int) -> dict[str, float]:
         """Roll out and insert `num_trajectories` (rounded up to whole batches of rollout.batch_size); returns

@@ -5,7 +5,7 @@ from buffer.rate_limiter import RateLimitTimeout
 from buffer.replay_buffer import BufferConfig, ReplayBuffer
 from buffer.sampler import SampleBatch, SampledItem
 from buffer.schema import SCHEMA, Trajectory, validate
-from buffer.segments import SegmentWarning, holds_sealed_segments
+from buffer.segments import SegmentWarning, foreign_files, holds_sealed_segments
 
 __all__ = ["SCHEMA", "BufferConfig", "RateLimitTimeout", "ReplayBuffer", "ReplayBufferActor", "SampleBatch",
-           "SampledItem", "SegmentWarning", "Trajectory", "holds_sealed_segments", "validate"]
+           "SampledItem", "SegmentWarning", "Trajectory", "foreign_files", "holds_sealed_segments", "validate"]

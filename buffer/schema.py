@@ -279,7 +279,7 @@ def _drafts_agree(tokens: np.ndarray, start: np.ndarray, room: np.ndarray, accep
     if not len(accept):
         return ok
     n = int(n_draft[0])
-    if (n_draft == n).all():  # the usual fixed block size: one [steps, n] window per step, no per-proposal gathers
+    if n and (n_draft == n).all():  # the usual fixed block size: one [steps, n] window per step, no gathers
         padded = np.concatenate([tokens, np.zeros(n, tokens.dtype)])  # windows may run past the last row
         window = np.lib.stride_tricks.sliding_window_view(padded, n)[start]  # input_ids[start:start+n] per step
         wrong = (draft_tokens.reshape(-1, n) != window) & (np.arange(n) < accept[:, None])

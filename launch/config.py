@@ -77,6 +77,22 @@ class TrainSection:
 
 
 @dataclass
+class GenerateSection:
+    """`draft-opd generate`: the target's responses to training prompts, a corpus for offline SFT."""
+
+    out: str | None = None  # the corpus directory (required): new, or a corpus to complete
+    prompts: str | None = None  # a benchmark name or a .json/.jsonl file; None: rollout.prompts
+    num_prompts: int | None = None  # the first N; None: rollout.num_prompts with rollout.prompts, else all
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    batch_size: int = 16  # sequences per target forward
+    temperature: float = 0.0
+    store_features: bool = False  # fp16 target features in the corpus; False: the learner recomputes them
+
+    def __post_init__(self) -> None:
+        at_least("generate", self, num_prompts=1, max_new_tokens=1, batch_size=1, temperature=0)
+
+
+@dataclass
 class Config:
     name: str = "run"
     resume: str = "never"  # auto: continue from the run directory's latest checkpoint, if any
@@ -90,6 +106,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
 
     def __post_init__(self) -> None:
         if self.resume not in ("never", "auto"):

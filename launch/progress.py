@@ -39,10 +39,12 @@ def eta(seconds: float) -> str:
 
 
 class StepProgress:
-    """Learner steps of one invocation: a live bar on a terminal, plain periodic lines elsewhere."""
+    """Steps of one invocation (learner steps; prompts for `generate`): a live bar on a terminal, plain
+    periodic lines elsewhere."""
 
-    def __init__(self, console: Console, total: int, done: int, every_s: float = 30.0):
-        self.console, self.total, self.every_s = console, total, every_s
+    def __init__(self, console: Console, total: int, done: int, every_s: float = 30.0, label: str = "train",
+                 unit: str = "step"):
+        self.console, self.total, self.every_s, self.label, self.unit = console, total, every_s, label, unit
         self.origin: tuple[int, float] | None = None  # the first update: start-up is not a step's cost
         self.last_line, self.last_phase = 0.0, None
         self.bar: Progress | None = None
@@ -50,7 +52,7 @@ class StepProgress:
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                 TextColumn("{task.fields[status]}"), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=done, status="")
+            self.task = self.bar.add_task(label, total=total, completed=done, status="")
 
     def __enter__(self) -> StepProgress:
         if self.bar is not None:
@@ -64,14 +66,15 @@ class StepProgress:
     def update(self, step: int, phase: str | None = None, status: str = "") -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, status=status,
-                            **({"description": f"train [{phase}]"} if phase else {}))
+                            **({"description": f"{self.label} [{phase}]"} if phase else {}))
             return
         now = time.monotonic()
         self.origin = self.origin or (step, now)
         if phase == self.last_phase and step < self.total and now - self.last_line < self.every_s:
             return
         self.last_line, self.last_phase = now, phase
-        self.console.print(f"step {step}/{self.total} [{phase or '-'}] {status}  {self.remaining(step, now)}",
+        where = f" [{phase}]" if phase else ""
+        self.console.print(f"{self.unit} {step}/{self.total}{where} {status}  {self.remaining(step, now)}",
                            markup=False, highlight=False, soft_wrap=True)
 
     def remaining(self, step: int, now: float) -> str:

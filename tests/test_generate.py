@@ -1,0 +1,153 @@
+"""`draft-opd generate` on the tiny target: a corpus of the target's greedy outputs that the SFT learner reads,
+resumable after a real SIGKILL, with features equal to a recompute, and one-line errors."""
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from actors.prompts import load_prompts
+from actors.rollout import Request
+from buffer import BufferConfig, ReplayBuffer, SegmentWarning, Trajectory
+from launch.config import load_config
+from launch.generate import generate_corpus
+from learner.objective import ObjectiveConfig, phase_loss
+from learner.replay import target_features
+from speculative.decode import DecodeConfig, generate
+from tests.conftest import make_drafter
+from tests.test_bad_input import LONG, cli_error, write_jsonl
+
+PROMPTS, NEW_TOKENS = 5, 16
+SMALL = [f"generate.num_prompts={PROMPTS}", f"generate.max_new_tokens={NEW_TOKENS}"]
+
+
+def run(out: Path, *overrides: str) -> dict:
+    cfg = load_config("configs/tiny.yaml", [f"generate.out={out}", *overrides])
+    return generate_corpus(cfg, Console(file=io.StringIO()))
+
+
+def corpus(out: Path) -> dict[str, Trajectory]:
+    buffer = ReplayBuffer(BufferConfig(dir=str(out)))
+    assert buffer.stats()["duplicates"] == 0  # no row stored twice across segments
+    return {t: buffer.get(t) for t in buffer.traj_ids()}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_outputs_equal_plain_greedy_generate(tmp_path, tiny_target, batch):
+    run(tmp_path / "corpus", *SMALL, f"generate.batch_size={batch}")
+    rows = corpus(tmp_path / "corpus")
+    requests = [Request.of(tiny_target.tokenizer, 0, c, True) for c in load_prompts("gsm8k_train", PROMPTS)]
+    assert sorted(rows) == sorted(r.traj_id for r in requests)
+    for request in requests:
+        row, alone = rows[request.traj_id], generate(tiny_target, request.prompt, None,
+                                                     DecodeConfig(max_new_tokens=NEW_TOKENS))
+        assert row.input_ids == alone.tokens and row.prompt_len == len(request.prompt)
+        torch.testing.assert_close(torch.tensor(row.committed_logprobs), torch.tensor(alone.committed_logprobs),
+                                   atol=1e-4, rtol=1e-4)
+        assert (row.prompt_id, row.draft_version, row.actor_id) == (request.prompt_id, 0, "generate")
+        # block size 1: each pass after the prefill verified the last token and committed one, proposing nothing
+        assert row.anchors == list(range(len(request.prompt), len(row.input_ids) - 1))
+        assert row.draft_tokens == [[]] * len(row.anchors) and set(row.accept_len) == {0} and row.features is None
+
+
+def test_corpus_reopens_and_an_sft_step_samples_from_it(tmp_path, tiny_target):
+    out = tmp_path / "corpus"
+    run(out, *SMALL, "generate.batch_size=4")
+    assert sorted(p.suffix for p in out.iterdir()) == [".arrow", ".arrow", ".done", ".done"]  # sealed every batch
+    buffer = ReplayBuffer(BufferConfig(dir=str(out)))
+    batch = buffer.sample(16)
+    assert set(batch.traj_ids) <= set(buffer.traj_ids()) and not batch.rejected_mask.any()
+    drafter = make_drafter(tiny_target, "dflash", block_size=5)
+    before = [p.detach().clone() for p in drafter.parameters()]
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-3)
+    out = phase_loss("sft", drafter, batch, target_features(tiny_target), ObjectiveConfig(), np.random.default_rng(0))
+    out["loss"].backward()
+    optimizer.step()
+    assert torch.isfinite(out["loss"]) and any(not torch.equal(a, b) for a, b in zip(before, drafter.parameters()))
+
+
+def test_a_rerun_after_sigkill_completes_the_corpus_as_one_run_would(tmp_path):
+    many = ["generate.num_prompts=8", "generate.max_new_tokens=24", "generate.batch_size=2"]
+    killed = tmp_path / "killed"
+    job = subprocess.Popen([sys.executable, "-m", "launch.generate", "configs/tiny.yaml", f"generate.out={killed}",
+                            *many], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(killed.glob("*.done")) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(job.pid, signal.SIGKILL)
+    finally:
+        job.wait(timeout=30)
+    assert job.returncode == -signal.SIGKILL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SegmentWarning)  # the segment open at the kill has no marker
+        sealed = len(corpus(killed))
+        resumed = run(killed, *many)
+        rows = corpus(killed)
+    assert 0 < sealed < 8  # killed mid-run, with rows already sealed
+    assert resumed["generated"] == 8 - sealed and len(rows) == 8
+    run(tmp_path / "one-go", *many)
+    assert {t: r.input_ids for t, r in rows.items()} == {t: r.input_ids for t, r in corpus(tmp_path / "one-go").items()}
+
+
+def test_stored_features_equal_a_recompute(tmp_path, tiny_target):
+    run(tmp_path / "corpus", *SMALL, "generate.store_features=true")
+    for row in corpus(tmp_path / "corpus").values():
+        recomputed = tiny_target.forward(torch.tensor(row.input_ids), 0, None).features
+        assert row.features.dtype == np.float16 and row.features.shape == tuple(recomputed.shape)
+        torch.testing.assert_close(torch.from_numpy(row.features.astype(np.float32)), recomputed,
+                                   atol=2e-3, rtol=2e-3)
+
+
+def test_prompts_too_long_are_skipped_with_a_warning(tmp_path):
+    path = write_jsonl(tmp_path / "mix.jsonl", [{"id": "long", "prompt": LONG}, {"id": "short", "prompt": "hi"}])
+    with pytest.warns(UserWarning, match=r"generate: skipped prompt mix/long@0: prompt of \d+ tokens.*exceeds.*"
+                                         "lower generate.max_new_tokens"):
+        summary = run(tmp_path / "corpus", f"generate.prompts={path}", "generate.max_new_tokens=8")
+    assert summary["trajectories"] == 1 and list(corpus(tmp_path / "corpus")) == ["mix/short@0"]
+
+
+def rollout_row(out: Path) -> None:
+    with ReplayBuffer(BufferConfig(dir=str(out))) as buffer:
+        buffer.insert(Trajectory("gsm8k_train/0@0", "gsm8k_train/0", 3, "rollout-0", 0.0, [1, 2, 3], 2, [], [], [],
+                                 [-0.5], []))
+
+
+@pytest.mark.parametrize("setup, overrides, message", [
+    (None, ["generate.out=null"], "generate.out is not set: pass generate.out=DIR"),
+    ("notes.txt", [], r"generate.out=\S+ holds 'notes.txt', so it is not a corpus: pass a new or empty directory"),
+    ("file", [], r"generate.out=\S+ is a file, not a directory"),
+    (rollout_row, [], "holds trajectory 'gsm8k_train/0@0' written by 'rollout-0', not by generate"),
+    (None, ["generate.prompts=gsm8k_trian"], r"generate.prompts='gsm8k_trian' is neither a benchmark "
+                                             r"\(did you mean 'gsm8k_train'\?\)"),
+    (None, ["generate.prompts=missing.jsonl"], "prompt file not found: missing.jsonl"),
+    (None, ["generate.batch_size=0"], r"bad config: generate.batch_size must be >= 1 \(got 0\)"),
+    (None, ["generate.prompts=LONG"], "none of the 1 prompts of generate.prompts=.*long.jsonl fits the target's "
+                                      "context with generate.max_new_tokens=8; lower generate.max_new_tokens"),
+])
+def test_bad_input_is_one_line_naming_the_fix(tmp_path, setup, overrides, message):
+    out = tmp_path / "out"
+    if setup == "file":
+        out.write_text("")
+    elif isinstance(setup, str):
+        out.mkdir()
+        (out / setup).write_text("")
+    elif setup is not None:
+        setup(out)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": LONG}])
+    overrides = [o.replace("LONG", str(long)) for o in overrides]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        error = cli_error("generate", "configs/tiny.yaml", f"generate.out={out}", "generate.max_new_tokens=8",
+                          *overrides)
+    assert error.startswith("draft-opd generate: error: ") and re.search(message, error), error
