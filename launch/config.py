@@ -119,6 +119,8 @@ class Config:
                              "train.allow_random_init_opd=true")
         if self.learner.lr_schedule == "cosine" and not self.learner.total_steps:
             self.learner.total_steps = train.sft_steps + train.opd_steps  # the decay ends with the run
+        if self.learner.lr_schedule == "cosine" and not self.learner.opd_total_steps:
+            self.learner.opd_total_steps = train.opd_steps  # a fresh OPD optimizer's decay ends with OPD
 
 
 def _key_paths(cls, prefix: str = "") -> list[str]:

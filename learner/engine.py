@@ -34,6 +34,10 @@ class LearnerConfig:
     lr_schedule: str = "constant"  # constant: warm-up, then lr; cosine: linear warm-up, then cosine decay to 0
     warmup_steps: int = 10
     total_steps: int = 0  # cosine: the step its decay ends; 0: train.sft_steps + train.opd_steps (set at load)
+    # at the SFT->OPD switch: Adam's moments zeroed and the lr schedule restarted (warm-up, then decay over
+    # opd_total_steps), as the Draft-OPD reference starts OPD as a fresh run; false: SFT's state carries over
+    opd_fresh_optimizer: bool = True
+    opd_total_steps: int = 0  # cosine with opd_fresh_optimizer: OPD steps its decay spans; 0: train.opd_steps (at load)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 32  # sampled blocks per rank per step
@@ -45,9 +49,10 @@ class LearnerConfig:
     seed: int = 0
 
 
-def lr_scheduler(cfg: LearnerConfig) -> dict:
+def lr_scheduler(cfg: LearnerConfig, total_steps: int | None = None) -> dict:
     """DeepSpeed's scheduler for `cfg.lr_schedule`: WarmupLR (log warm-up), or WarmupCosineLR as the Draft-OPD
-    reference script schedules its lr (linear warm-up, cosine to 0 at `total_steps`)."""
+    reference script schedules its lr (linear warm-up, cosine to 0 at `total_steps`, default cfg.total_steps)."""
+    total_steps = cfg.total_steps if total_steps is None else total_steps
     if cfg.lr <= 0:
         raise ValueError(f"learner.lr must be > 0 (got {cfg.lr})")
     warmup = max(cfg.warmup_steps, 1)
@@ -55,10 +60,11 @@ def lr_scheduler(cfg: LearnerConfig) -> dict:
         return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": warmup}}
     if cfg.lr_schedule != "cosine":
         raise ValueError(f"learner.lr_schedule must be constant or cosine (got {cfg.lr_schedule!r})")
-    if cfg.total_steps < 1:
+    if total_steps < 1:
         raise ValueError("learner.lr_schedule=cosine needs learner.total_steps >= 1 (a run config sets it to "
-                         "train.sft_steps + train.opd_steps)")
-    return {"type": "WarmupCosineLR", "params": {"total_num_steps": cfg.total_steps, "warmup_num_steps": warmup,
+                         "train.sft_steps + train.opd_steps) and, with learner.opd_fresh_optimizer, "
+                         "learner.opd_total_steps >= 1 (a run config sets it to train.opd_steps)")
+    return {"type": "WarmupCosineLR", "params": {"total_num_steps": total_steps, "warmup_num_steps": warmup,
                                                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
 
 
@@ -79,6 +85,19 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def reset_adam_state(optimizer) -> None:
+    """Zero every tensor of the optimizer's per-parameter state (Adam's moments and step count) in place, through
+    a ZeRO wrapper to the torch optimizer inside: the next step is a fresh Adam's first step, and the state keeps
+    the shapes that ZeRO's checkpoints expect."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for state in base.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            else:
+                state[key] = 0
 
 
 def free_port() -> int:
@@ -133,6 +152,7 @@ class Learner:
                                                config=deepspeed_config(cfg))
         self.features = target_features(self.target)
         self.steps = 0
+        self.phase: str | None = None  # the phase of the last step taken
 
     @property
     def drafter(self):
@@ -146,6 +166,7 @@ class Learner:
     def train_step(self, phase: str, batch) -> dict[str, float]:
         """One optimizer step on `batch` (this rank's share); gradients are averaged across ranks."""
         start = time.perf_counter()
+        self.enter_phase(phase)
         rng = np.random.default_rng((self.cfg.seed, self.rank, self.steps))  # a resumed run draws the same
         out = phase_loss(phase, self.engine, batch, self.features, self.objective, rng)
         self.engine.backward(out["loss"])
@@ -158,6 +179,23 @@ class Learner:
         metrics.update(step_s=time.perf_counter() - start, blocks=len(batch),
                        tokens=int(batch.committed_mask.sum() + batch.rejected_mask.sum()))
         return metrics
+
+    def enter_phase(self, phase: str) -> None:
+        """Note the phase of the coming step; at the switch into OPD with learner.opd_fresh_optimizer, start OPD
+        as the reference does, from a fresh optimizer: Adam's state zeroed, the schedule back to its warm-up."""
+        if phase == "opd" and self.phase != "opd" and self.cfg.opd_fresh_optimizer:
+            reset_adam_state(self.engine.optimizer)
+            self.engine.lr_scheduler = self.opd_schedule()
+        self.phase = phase
+
+    def opd_schedule(self):
+        """The OPD phase's own scheduler, from its first step (lr at its warm-up's start)."""
+        from deepspeed.runtime import lr_schedules
+
+        spec = lr_scheduler(self.cfg, self.cfg.opd_total_steps)
+        for group in self.engine.optimizer.param_groups:  # WarmupCosineLR scales the lr it finds here
+            group["lr"] = self.cfg.lr
+        return getattr(lr_schedules, spec["type"])(self.engine.optimizer, **spec["params"])
 
     def use_buffer(self, buffer, offline: bool) -> None:
         """Sample from `buffer` from now on: an offline corpus, whose phase has the cores to itself, or the
@@ -179,7 +217,7 @@ class Learner:
 
     def save_checkpoint(self, directory: str) -> None:
         """DeepSpeed checkpoint (weights, optimizer, scheduler, ZeRO shards); every rank must call."""
-        self.engine.save_checkpoint(directory, tag="learner", client_state={"steps": self.steps})
+        self.engine.save_checkpoint(directory, tag="learner", client_state={"steps": self.steps, "phase": self.phase})
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore a `save_checkpoint`; returns the steps done."""
@@ -187,6 +225,14 @@ class Learner:
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint in {directory}/learner")
         self.steps = int(client["steps"])
+        self.phase = client.get("phase")
+        if self.phase == "opd" and self.cfg.opd_fresh_optimizer:  # OPD's own schedule, where the checkpoint left it
+            position = self.engine.lr_scheduler.state_dict()
+            lrs = [group["lr"] for group in self.engine.optimizer.param_groups]
+            self.engine.lr_scheduler = self.opd_schedule()
+            self.engine.lr_scheduler.load_state_dict(position)
+            for group, lr in zip(self.engine.optimizer.param_groups, lrs):
+                group["lr"] = lr
         return self.steps
 
     def full_weights(self) -> dict[str, torch.Tensor] | None:

@@ -11,6 +11,8 @@ import torch
 
 LOGP_FLOOR = -10.0  # Draft-OPD clamps log-probs here, so a vanishing p or q cannot blow up a ratio
 LOSS_CAP = 10.0  # ... and each token's loss here
+LOG_RATIO_CLAMP = 20.0  # the reference clamps the rejected stream's log(p/q) here instead of flooring log-probs
+REJECTED_CLAMPS = ("reference", "floor")
 
 
 def block_offsets(width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -58,26 +60,54 @@ def bernoulli_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor)
     return p * (lp - lq) + (1 - p) * (torch.log1p(-p.clamp_max(1 - eps)) - torch.log1p(-q.clamp_max(1 - eps)))
 
 
-def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """Reverse KL estimated at a student sample with k3: r = p/q, (r - 1) - log r (>= 0, unbiased)."""
-    log_r = teacher_logp.clamp_min(LOGP_FLOOR) - student_logp.clamp_min(LOGP_FLOOR)
+def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp: str = "reference"
+                  ) -> torch.Tensor:
+    """Reverse KL estimated at a student sample with k3: r = p/q, (r - 1) - log r (>= 0, unbiased).
+
+    clamp=reference (the Draft-OPD code): log r clamped to +-LOG_RATIO_CLAMP, so a proposal the teacher
+    all but rules out gets a k3 past LOSS_CAP and, once capped, no gradient. clamp=floor: both log-probs
+    floored at LOGP_FLOOR first, which keeps such a proposal under the cap and pushes its q down in full.
+    """
+    if clamp == "reference":
+        log_r = (teacher_logp - student_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    elif clamp == "floor":
+        log_r = teacher_logp.clamp_min(LOGP_FLOOR) - student_logp.clamp_min(LOGP_FLOOR)
+    else:
+        raise ValueError(f"unknown objective.rejected_clamp {clamp!r}; use one of {REJECTED_CLAMPS}")
     return log_r.exp() - 1 - log_r
 
 
 def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor, resp_mask: torch.Tensor,
                    rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor, rej_mask: torch.Tensor,
-                   decay: float = 0.9) -> dict[str, torch.Tensor]:
+                   decay: float = 0.9, rejected_clamp: str = "reference") -> dict[str, torch.Tensor]:
     """Draft-OPD's decayed asymmetric KL over the response and rejected streams of N blocks ([N, W] each).
 
-    loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = decay^(offset-1), each term capped.
+    loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = decay^(offset-1), each term capped
+    (a capped term has no gradient); `rejected_clamp` is k3_reverse_kl's `clamp`.
     """
     width = rej_mask.shape[1]
     w = decay ** (block_offsets(width, rej_mask.device) - 1).float() * rej_mask
     resp = bernoulli_forward_kl(resp_teacher_logp, resp_student_logp).clamp_max(LOSS_CAP) * resp_mask
-    rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp).clamp_max(LOSS_CAP) * w
+    rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp, rejected_clamp).clamp_max(LOSS_CAP) * w
     denominator = (resp_mask.sum() + w.sum()).clamp_min(1e-12)
     return {"loss": (resp.sum() + rej.sum()) / denominator, "resp_kl": resp.sum() / resp_mask.sum().clamp_min(1),
             "rej_kl": rej.sum() / w.sum().clamp_min(1e-12)}
+
+
+def greedy_conflict_shares(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor,
+                           resp_mask: torch.Tensor, rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor,
+                           rej_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Shares of the entries where a sampled estimator may push against greedy acceptance (issue 11 (d)).
+
+    rej_p_gt_q: rejected proposals with p > q, where k3's gradient raises q of a token greedy verification
+    rejected; resp_q_gt_p: committed tokens with q > p, where the Bernoulli forward KL lowers q of a token
+    greedy verification accepts. Diagnostics only: detached, each over its stream's valid entries.
+    """
+    def share(hit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ((hit.float() * mask).sum() / mask.sum().clamp_min(1)).detach()
+
+    return {"rej_p_gt_q": share(rej_teacher_logp > rej_student_logp, rej_mask),
+            "resp_q_gt_p": share(resp_student_logp > resp_teacher_logp, resp_mask)}
 
 
 def topk_forward_kl(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor,

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from buffer import SampleBatch
-from learner.losses import dflash_sft_loss, draft_opd_loss, topk_forward_kl, topk_total_variation
+from learner.losses import (REJECTED_CLAMPS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
+                            topk_forward_kl, topk_total_variation)
 from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
 
 
@@ -25,6 +26,13 @@ class ObjectiveConfig:
     eagle_decay: float = 0.8  # EAGLE-3 step weight decay^i
     opd_variant: str = "k3"  # k3: the paper's sampled estimators; topk: exact forward KL + TV from stored top-k
     opd_max_staleness: int | None = None  # OPD samples only rows drafted at most this many versions ago
+    # k3 on the rejected stream: reference clamps log(p/q) to +-20 (a capped token gets no gradient, as in the
+    # Draft-OPD code); floor floors both log-probs at -10 first (such a token is pushed down in full)
+    rejected_clamp: str = "reference"
+
+    def __post_init__(self) -> None:
+        if self.rejected_clamp not in REJECTED_CLAMPS:
+            raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
 
 
 def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,14 +72,17 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
 
 def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
              ) -> dict[str, torch.Tensor]:
+    """The OPD variant's loss terms plus, for either variant, the greedy-conflict shares of the sampled streams."""
     terms = replay(model, batch, features)
+    streams = (terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
+               terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask)
     if cfg.opd_variant == "topk":
-        return topk_opd_loss(terms, batch)
-    if cfg.opd_variant != "k3":
+        out = topk_opd_loss(terms, batch)
+    elif cfg.opd_variant == "k3":
+        out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp)
+    else:
         raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
-    return draft_opd_loss(terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
-                          terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask,
-                          decay=cfg.opd_decay)
+    return {**out, **greedy_conflict_shares(*streams)}
 
 
 def topk_opd_loss(terms, batch: SampleBatch) -> dict[str, torch.Tensor]:

@@ -61,8 +61,8 @@ def test_zero_world_size_two_matches_world_size_one(ray_cluster, batches, stage)
 
 def test_opd_phase_uses_its_own_learning_rate(batches):
     """opd_lr=0 freezes the draft in the OPD phase only (Adam's step is proportional to the lr)."""
-    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=1e-2, opd_lr=0.0, warmup_steps=1, timeout_s=60),
-                      ObjectiveConfig())
+    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=1e-2, opd_lr=0.0, warmup_steps=1, opd_fresh_optimizer=False,
+                                                   timeout_s=60), ObjectiveConfig())
     for batch in batches[:2]:  # past DeepSpeed's WarmupLR, whose first steps run at lr 0
         learner.train_step("sft", batch)
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
@@ -71,6 +71,13 @@ def test_opd_phase_uses_its_own_learning_rate(batches):
     assert all(torch.equal(before[k], after_opd[k]) for k in before)
     learner.train_step("sft", batches[2])
     assert any(not torch.equal(before[k], v) for k, v in learner.drafter.state_dict().items())
+
+
+def cosine_lr(s: int, lr: float, warmup: int, total: int) -> float:
+    """WarmupCosineLR's lr after s + 1 scheduler steps (linear warm-up, cosine to 0), written out by hand."""
+    if s < warmup:
+        return lr * max(s, 0) / warmup
+    return lr * (1 + math.cos(math.pi * min(1.0, (s - warmup + 1) / (total - warmup)))) / 2
 
 
 def test_cosine_schedule_sets_the_lr_of_every_step(batches):
@@ -87,11 +94,64 @@ def test_cosine_schedule_sets_the_lr_of_every_step(batches):
         learner.train_step("sft", batches[step % len(batches)])
         if step == 0:
             assert all(torch.equal(initial[k], v) for k, v in learner.drafter.state_dict().items())
-    def schedule(s: int) -> float:
-        if s < warmup:
-            return lr * max(s, 0) / warmup
-        return lr * (1 + math.cos(math.pi * min(1.0, (s - warmup + 1) / (total - warmup)))) / 2
-
-    assert used == pytest.approx([schedule(s - 1) for s in range(total)])
+    assert used == pytest.approx([cosine_lr(s - 1, lr, warmup, total) for s in range(total)])
     assert max(used) == pytest.approx(lr * (1 + math.cos(math.pi / 4)) / 2)  # just past warm-up, then down
     assert any(not torch.equal(initial[k], v) for k, v in learner.drafter.state_dict().items())
+
+
+def adam_states(learner: Learner) -> list[dict]:
+    """The torch AdamW's per-parameter state inside the ZeRO-2 optimizer."""
+    return list(learner.engine.optimizer.optimizer.state.values())
+
+
+def cosine_learner(fresh: bool) -> Learner:
+    cfg = LearnerConfig(lr=1e-2, lr_schedule="cosine", warmup_steps=2, total_steps=10, opd_total_steps=4,
+                        opd_fresh_optimizer=fresh, timeout_s=60)
+    return Learner(TARGET, DRAFT, cfg, ObjectiveConfig())
+
+
+def lrs_of_steps(learner: Learner, phase: str, batches) -> list[float]:
+    """The lr each of these steps ran at."""
+    used = []
+    for batch in batches:
+        used.append(learner.engine.optimizer.param_groups[0]["lr"])
+        learner.train_step(phase, batch)
+    return used
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_opd_starts_from_a_fresh_optimizer_or_carries_sfts(batches, fresh):
+    """learner.opd_fresh_optimizer: at the SFT->OPD switch Adam's moments are zero before the first OPD update
+    and the lr restarts its warm-up, decaying over opd_total_steps; off, both carry on from SFT's 3 steps."""
+    learner = cosine_learner(fresh)
+    lrs_of_steps(learner, "sft", batches)
+    before = [{k: v.clone() for k, v in state.items()} for state in adam_states(learner)]
+    assert any(state["exp_avg"].abs().sum() > 0 and state["exp_avg_sq"].abs().sum() > 0 for state in before)
+    learner.enter_phase("opd")
+    for state, earlier in zip(adam_states(learner), before):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.count_nonzero(state[key]) == 0 if fresh else torch.equal(state[key], earlier[key])
+    used = lrs_of_steps(learner, "opd", [*batches, batches[0]])
+    if fresh:
+        assert used == pytest.approx([cosine_lr(s - 1, 1e-2, 2, 4) for s in range(4)])
+    else:
+        assert used == pytest.approx([cosine_lr(s - 1, 1e-2, 2, 10) for s in range(3, 7)])
+    learner.enter_phase("opd")  # a later OPD step is no switch
+    assert not any(torch.count_nonzero(state["exp_avg"]) == 0 for state in adam_states(learner))
+
+
+def test_checkpoint_during_opd_resumes_identically(batches, tmp_path):
+    """Saved two steps into a fresh-optimizer OPD, loaded into a new Learner: the next steps run at the same lr
+    (OPD's own schedule) from the same moments, to the same weights."""
+    learner = cosine_learner(True)
+    lrs_of_steps(learner, "sft", batches[:2])
+    lrs_of_steps(learner, "opd", batches[:2])
+    learner.save_checkpoint(str(tmp_path))
+    used = lrs_of_steps(learner, "opd", batches[1:])
+    resumed = cosine_learner(True)
+    assert resumed.load_checkpoint(str(tmp_path)) == 4
+    assert lrs_of_steps(resumed, "opd", batches[1:]) == pytest.approx(used)
+    assert used == pytest.approx([cosine_lr(s - 1, 1e-2, 2, 4) for s in (2, 3)])
+    expected = learner.drafter.state_dict()
+    for k, v in resumed.drafter.state_dict().items():
+        torch.testing.assert_close(v, expected[k], atol=0, rtol=0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from learner.losses import (bernoulli_forward_kl, dflash_sft_loss, draft_opd_loss, eagle3_ttt_loss,
-                            k3_reverse_kl, reverse_kl_full, topk_forward_kl, total_variation)
+                            greedy_conflict_shares, k3_reverse_kl, reverse_kl_full, topk_forward_kl,
+                            total_variation)
 
 
 def test_bernoulli_forward_kl_by_hand():
@@ -18,15 +19,66 @@ def test_bernoulli_forward_kl_by_hand():
     assert bernoulli_forward_kl(same, same).item() == pytest.approx(0, abs=1e-7)
 
 
-def test_k3_by_hand_and_the_log_prob_floor():
+def test_k3_by_hand_the_ratio_clamp_and_the_log_prob_floor():
     p, q = 0.2, 0.5
     r = p / q
-    assert k3_reverse_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)])).item() == pytest.approx(
-        (r - 1) - math.log(r), rel=1e-5)
-    # log p = -30 is floored at -10: r = e^-10 / 0.5
-    r = math.exp(-10) / 0.5
+    for clamp in ("reference", "floor"):
+        assert k3_reverse_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)]), clamp).item() == \
+            pytest.approx((r - 1) - math.log(r), rel=1e-5)
+    # reference: log r = -30 - log 0.5 is clamped to -20; floor: log p = -30 is floored at -10, r = e^-10 / 0.5
     assert k3_reverse_kl(torch.tensor([-30.0]), torch.tensor([math.log(0.5)])).item() == pytest.approx(
+        math.exp(-20) - 1 + 20, rel=1e-5)
+    r = math.exp(-10) / 0.5
+    assert k3_reverse_kl(torch.tensor([-30.0]), torch.tensor([math.log(0.5)]), "floor").item() == pytest.approx(
         (r - 1) - math.log(r), rel=1e-5)
+    with pytest.raises(ValueError, match="rejected_clamp"):
+        k3_reverse_kl(torch.zeros(1), torch.zeros(1), "none")
+
+
+@pytest.mark.parametrize("clamp", ["reference", "floor"])
+def test_rejected_stream_loss_and_gradient_past_the_clamp_by_hand(clamp):
+    """One block of width 3, all rejected, decay 0.8: (p, q) = (0.2, 0.5), log p = -12 and -30 with q = 0.5.
+    d k3 / d log q = 1 - r. Reference: log r = -11.3 and -29.3 give k3 > 10, capped, so those two proposals get
+    no gradient. Floor: log p -> -10, k3 = 8.31 < 10, so both are pushed down in full (weight 1 - r)."""
+    decay, lq = 0.8, math.log(0.5)
+    teacher = torch.tensor([[math.log(0.2), -12.0, -30.0]])
+    student = torch.full((1, 3), lq, requires_grad=True)
+    weights = [1.0, decay, decay ** 2]
+    r0 = 0.2 / 0.5
+    k3_0 = r0 - 1 - math.log(r0)
+    if clamp == "reference":
+        k3s, dk3 = [k3_0, 10.0, 10.0], [1 - r0, 0.0, 0.0]
+    else:
+        r = math.exp(-10 - lq)
+        k3s, dk3 = [k3_0, r - 1 - math.log(r), r - 1 - math.log(r)], [1 - r0, 1 - r, 1 - r]
+    total = sum(weights)
+    out = draft_opd_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), teacher, student, torch.ones(1, 3),
+                         decay=decay, rejected_clamp=clamp)
+    assert out["loss"].item() == pytest.approx(sum(w * k for w, k in zip(weights, k3s)) / total, rel=1e-5)
+    out["loss"].backward()
+    expected_grad = [w * d / total for w, d in zip(weights, dk3)]
+    assert student.grad[0].tolist() == pytest.approx(expected_grad, rel=1e-5, abs=1e-9)
+    if clamp == "reference":
+        assert student.grad[0, 1:].abs().max().item() == 0.0
+    else:
+        assert student.grad[0, 1:].abs().min().item() > 0.2  # w (1 - r) / sum w
+
+
+def test_greedy_conflict_shares_by_hand():
+    """rej_p_gt_q counts valid rejected entries with p > q (2 of 3), resp_q_gt_p valid response entries with
+    q > p (1 of 4); masked-out entries that would count are ignored."""
+    log = math.log
+    resp_t = torch.tensor([[log(0.9), log(0.5), log(0.4)], [log(0.7), log(0.2), log(0.6)]])
+    resp_s = torch.tensor([[log(0.5), log(0.6), log(0.1)], [log(0.7), log(0.9), log(0.8)]])
+    resp_mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rej_t = torch.tensor([[log(0.3), log(0.1), log(0.2)], [log(0.5), log(1e-3), log(0.4)]])
+    rej_s = torch.tensor([[log(0.2), log(0.4), log(0.1)], [log(0.1), log(0.5), log(0.5)]])
+    rej_mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    shares = greedy_conflict_shares(resp_t, resp_s, resp_mask, rej_t, rej_s, rej_mask)
+    assert shares["rej_p_gt_q"].item() == pytest.approx(2 / 3)
+    assert shares["resp_q_gt_p"].item() == pytest.approx(1 / 4)
+    empty = greedy_conflict_shares(resp_t, resp_s, torch.zeros(2, 3), rej_t, rej_s, torch.zeros(2, 3))
+    assert empty["rej_p_gt_q"].item() == 0.0 and empty["resp_q_gt_p"].item() == 0.0
 
 
 def test_draft_opd_loss_weights_and_normalisation_by_hand():
