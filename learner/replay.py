@@ -54,12 +54,13 @@ def drafter_of(model) -> Drafter:
 
 
 def replay_block_logits(model, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
-                        chain_tokens: torch.Tensor, width: int) -> torch.Tensor:
+                        chain_tokens: torch.Tensor, width: int, widths: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, width, V] of blocks re-drafted at `anchors` through `model` (a drafter or its engine);
-    chain drafters are fed `chain_tokens` [n, width-1]."""
+    chain drafters are fed `chain_tokens` [n, width-1]; `widths` [n] are the proposals each block drafted
+    (Drafter.forward), None for full blocks."""
     if drafter_of(model).cfg.kind == "eagle3":
         anchors = anchors.clamp_min(1)  # a chain needs one prefix pair; such items are masked out
-    return model(features, input_ids, anchors, chain_tokens[:, : width - 1])
+    return model(features, input_ids, anchors, chain_tokens[:, : width - 1], widths)
 
 
 def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
@@ -70,8 +71,9 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
         items = np.nonzero(batch.traj_index == t)[0]
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = torch.from_numpy(batch.anchor[items].astype(np.int64))
+        drafted = torch.from_numpy(batch.n_draft[items].astype(np.int64))  # < width in a block max_new_tokens cut
         block = replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
-                                    draft_tokens[items], width)
+                                    draft_tokens[items], width, drafted)
         for row, i in enumerate(items):
             logits[i] = block[row]
     valid = torch.ones(len(batch), dtype=torch.bool)

@@ -92,13 +92,14 @@ class DFlashDrafter(Drafter):
         return pick(logits), logits
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor) -> torch.Tensor:
+                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
         """Re-draft one block from each anchor of a sequence in one pass (training: SFT and error-position replay).
 
         Each block [tokens[a], MASK x W] sees the target features of positions < a and itself,
         exactly what `propose` sees at inference. features [T, F], tokens [T], anchors [N],
         chain_tokens [N, W-1] (only its width matters: a block needs no inputs but the anchor)
-        -> logits [N, W, V] for offsets 1..W.
+        -> logits [N, W, V] for offsets 1..W. widths [N]: a block cut short to widths[i] < W proposals at rollout
+        hides its offsets past widths[i] from the rest, as `propose` drafted it; their logits are padding.
         """
         width = chain_tokens.shape[1] + 1
         n, b, t = anchors.shape[0], width + 1, features.shape[0]
@@ -107,7 +108,9 @@ class DFlashDrafter(Drafter):
         block_pos = anchors[:, None] + torch.arange(b, device=tokens.device)
         owner = torch.arange(n, device=tokens.device).repeat_interleave(b)
         sees_context = torch.arange(t, device=tokens.device)[None, :] < anchors[owner][:, None]
-        sees_block = owner[:, None] == owner[None, :]
+        last = anchors.new_full((n,), width) if widths is None else widths.to(anchors.device)
+        drafted = torch.arange(b, device=tokens.device).repeat(n) <= last[owner]  # anchor + proposals drafted
+        sees_block = (owner[:, None] == owner[None, :]) & drafted[None, :]
         mask = torch.cat([sees_context, sees_block], dim=1)
         positions = torch.cat([torch.arange(t, device=tokens.device), block_pos.flatten()])
         hidden = self.block_hidden(block.flatten(), self.fuse(features), positions, None, mask)

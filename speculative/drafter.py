@@ -135,9 +135,11 @@ class Drafter(nn.Module):
         raise NotImplementedError
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor) -> torch.Tensor:
+                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
         """Training: re-draft a block of W = chain_tokens.shape[1] + 1 proposals from each anchor of one
-        sequence at once, as `propose` would have at inference; logits [N, W, V]."""
+        sequence at once, as `propose` would have at inference; logits [N, W, V]. widths [N] (default W):
+        proposals the rollout drafted per block (fewer in a block cut by max_new_tokens); offsets past a
+        block's width are padding, which its proposals must not see."""
         raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:

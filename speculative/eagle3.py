@@ -104,14 +104,15 @@ class Eagle3Drafter(Drafter):
         return torch.cat(drafted), torch.cat(all_logits)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor) -> torch.Tensor:
+                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
         """Unroll a chain from each anchor at once (training-time test and error-position replay).
 
         Step 1 of anchor a reads the true features of every position < a (one causal pass shared
         by all anchors); step k >= 2 feeds back its own hidden state with input token
         chain_tokens[:, k-2] (the recorded proposals to replay a rollout, the true tokens for SFT),
         attending to the shared prefix and to its own chain only. features [T, F], tokens [T],
-        anchors [N] (>= 1), chain_tokens [N, W-1] -> logits [N, W, V].
+        anchors [N] (>= 1), chain_tokens [N, W-1] -> logits [N, W, V]. A chain is causal, so a block cut short
+        needs no `widths`: its offsets are the first of a full-width chain's.
         """
         t, n = features.shape[0], anchors.shape[0]
         device = tokens.device
