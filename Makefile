@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner dashboard ray-up ray-down clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,9 @@ bench-rollout: smol
 
 bench-learner: smol
 	$(BIN)/python -m benchmarks.bench_learner configs/smol.yaml
+
+curve: smol
+	$(BIN)/python -m benchmarks.study_sft_curve configs/smol.yaml
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer

@@ -1,12 +1,13 @@
 """Learner throughput against the cost floor of its matmuls, side by side in one run.
 
 Why: offline SFT is the learner alone, so its speed decides how far SFT gets in hours of CPU. Each
-setting (sampled blocks per step, torch threads) trains SFT steps on the same corpus of smol
-rollouts with stored features, through the learner's own `train_step` (DeepSpeed engine, world
-size 1). FLOPs of one step are counted by torch's FlopCounterMode (every matmul and attention, forward
-and backward); the machine's fp32 matmul peak is measured in the same run at the same thread count
-(a 2048^3 GEMM). ratio = achieved FLOP/s / that peak: how close a step is to the floor its matmuls set.
-tokens/s counts the label tokens a step trains on (what the run logs as learner_tokens_per_s).
+setting (sampled blocks per step, torch threads, engine dtype, SFT anchors per sampled row) trains SFT
+steps on the same corpus of smol rollouts with stored features, through the learner's own `train_step`
+(DeepSpeed engine, world size 1). FLOPs of one step are counted by torch's FlopCounterMode (every matmul
+and attention, forward and backward); the machine's matmul peak in the setting's dtype is measured in
+the same run at the same thread count (a 2048^3 GEMM). ratio = achieved FLOP/s / that peak: how close a
+step is to the floor its matmuls set. tokens/s counts the label tokens a step trains on (what the run
+logs as learner_tokens_per_s).
 
     python -m benchmarks.bench_learner configs/smol.yaml [key=value ...]
 """
@@ -30,16 +31,18 @@ from buffer import BufferConfig, ReplayBuffer
 from launch.config import load_config
 from learner.engine import Learner
 
-SETTINGS = ((16, 1), (16, 2), (64, 2), (256, 2))  # (blocks per step, threads); (16, 1) is make run's learner
-DEFAULTS = ["rollout.prompts=gsm8k_train", "rollout.num_prompts=8", "rollout.max_new_tokens=96",
+# (blocks per step, threads, dtype, SFT anchors per sampled row); the first is make run's learner
+SETTINGS = ((16, 1, "float32", 1), (256, 2, "float32", 1), (256, 2, "float32", 32), (256, 2, "bfloat16", 32),
+            (512, 2, "bfloat16", 64))
+DEFAULTS = ["rollout.prompts=gsm8k_train", "rollout.num_prompts=32", "rollout.max_new_tokens=96",
             "rollout.num_actors=1", "rollout.batch_size=8", "rollout.store_features=true", "learner.world_size=1"]
 STEPS = 4  # timed steps per setting, after one untimed
 
 
-def matmul_peak(threads: int, n: int = 2048) -> float:
-    """fp32 GEMM FLOP/s at `threads`: the floor a step's matmuls could reach."""
+def matmul_peak(threads: int, dtype: torch.dtype, n: int = 2048) -> float:
+    """GEMM FLOP/s in `dtype` at `threads`: the floor a step's matmuls could reach."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(5):
@@ -49,18 +52,22 @@ def matmul_peak(threads: int, n: int = 2048) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def measure(learner: Learner, buffer: ReplayBuffer, blocks: int, threads: int) -> dict:
+def measure(learner: Learner, buffer: ReplayBuffer, blocks: int, threads: int, anchors_per_row: int) -> dict:
     torch.set_num_threads(threads)
+    learner.objective = replace(learner.objective, sft_anchors_per_row=anchors_per_row)
+    rows = -(-blocks // anchors_per_row)
     with FlopCounterMode(display=False) as counter:
-        learner.train_step("sft", buffer.sample(blocks))  # counted, untimed (also the warm-up)
+        learner.train_step("sft", buffer.sample(rows))  # counted, untimed (also the warm-up)
     flops = counter.get_total_flops()
     times, tokens = [], []
     for _ in range(STEPS):
-        out = learner.train_step("sft", buffer.sample(blocks))
+        out = learner.train_step("sft", buffer.sample(rows))
         times.append(out["step_s"])
         tokens.append(out["tokens"])
-    step_s, peak = statistics.median(times), matmul_peak(threads)
-    return {"blocks": blocks, "threads": threads, "step_s": step_s,
+    step_s = statistics.median(times)
+    peak = matmul_peak(threads, next(learner.drafter.parameters()).dtype)
+    return {"blocks": blocks, "threads": threads, "dtype": learner.cfg.dtype, "anchors_per_row": anchors_per_row,
+            "step_s": step_s,
             "tokens_per_s": statistics.fmean(tokens) / step_s, "gflop_per_step": flops / 1e9,
             "achieved_gflop_s": flops / step_s / 1e9, "peak_gflop_s": peak / 1e9, "ratio": flops / step_s / peak}
 
@@ -72,20 +79,23 @@ def main(argv: list[str] | None = None) -> None:
     buffer = ReplayBuffer(BufferConfig(capacity=1000))
     console.print(f"rolling out {cfg.rollout.num_prompts} prompts for the corpus ...")
     RolloutWorker(cfg.target, cfg.draft, cfg.rollout, 0, buffer).run(cfg.rollout.num_prompts)
-    learner = Learner(cfg.target, cfg.draft, cfg.learner, cfg.objective)
-    rows = []
-    for blocks, threads in SETTINGS:
-        rows.append(measure(learner, buffer, blocks, threads))
-        console.print(f"{blocks} blocks, {threads} threads: {rows[-1]['tokens_per_s']:.0f} tokens/s", highlight=False)
+    learners, rows = {}, []
+    for blocks, threads, dtype, anchors_per_row in SETTINGS:
+        if dtype not in learners:
+            learners[dtype] = Learner(cfg.target, cfg.draft, replace(cfg.learner, dtype=dtype), cfg.objective)
+        rows.append(measure(learners[dtype], buffer, blocks, threads, anchors_per_row))
+        console.print(f"{blocks} blocks, {threads} threads, {dtype}, {anchors_per_row} anchors/row: "
+                      f"{rows[-1]['tokens_per_s']:.0f} tokens/s", highlight=False)
     base = rows[0]["tokens_per_s"]
     table = Table(title=f"learner SFT steps on {cfg.name} ({cfg.draft.kind}, block {cfg.draft.block_size}, "
-                        f"{cfg.learner.dtype}); ratio = achieved / measured fp32 GEMM peak")
-    for column in ("blocks", "threads", "step s", "tokens/s", "vs first", "GFLOP/step", "GFLOP/s", "peak GFLOP/s",
-                   "ratio"):
+                        "stored features); ratio = achieved / measured GEMM peak in the setting's dtype")
+    for column in ("blocks", "threads", "dtype", "anchors/row", "step s", "tokens/s", "vs first", "GFLOP/step",
+                   "GFLOP/s", "peak GFLOP/s", "ratio"):
         table.add_column(column, justify="right")
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / base
-        table.add_row(str(row["blocks"]), str(row["threads"]), f"{row['step_s']:.2f}", f"{row['tokens_per_s']:.0f}",
+        table.add_row(str(row["blocks"]), str(row["threads"]), row["dtype"], str(row["anchors_per_row"]),
+                      f"{row['step_s']:.2f}", f"{row['tokens_per_s']:.0f}",
                       f"{row['speedup']:.2f}x", f"{row['gflop_per_step']:.1f}", f"{row['achieved_gflop_s']:.1f}",
                       f"{row['peak_gflop_s']:.1f}", f"{row['ratio']:.2f}")
     console.print(table)

@@ -198,7 +198,7 @@ class Job:
     def evaluate(self, step: int, phase: str, ref: ray.ObjectRef | None = None) -> dict:
         """Held-out tau of the draft the evaluating actor holds, logged; waits for it (with a deadline)."""
         result = self.get(ref or self.fleet.evaluate(), f"held-out tau ({phase}, step {step})")
-        self.telemetry.log({"step": step, "phase": phase, **result})
+        self.telemetry.log({"step": step, "phase": phase, "time": time.time(), **result})
         self.telemetry.scalar("eval_tau", result["eval_tau"], step, benchmark=self.cfg.train.eval_benchmark)
         return result
 
@@ -224,16 +224,20 @@ class Job:
         record = {"step": step + 1, "phase": phase, "loss": statistics.fmean(r["loss"] for r in results),
                   "tau": self.fleet.tau(), "draft_version": self.fleet.version,
                   "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),
+                  "trained_tokens": sum(r["tokens"] for r in results), "time": time.time(),
                   "rollout_tokens_per_s": sum(self.fleet.tokens_per_s),
                   "staleness": statistics.fmean(r["staleness"] for r in results),
                   "buffer_size": self.get(self.buffer.stats.remote(), "the buffer's size")["size"],
                   **{k: v for k, v in results[0].items() if k not in ("loss", "tokens", "blocks", "staleness")}}
-        if (step + 1) % train.publish_every == 0:
+        last = step + 1 == train.sft_steps + train.opd_steps  # the final evaluation follows
+        eval_due = bool(train.eval_every) and (step + 1) % train.eval_every == 0 and not last \
+            and self.eval_pending is None
+        if (step + 1) % train.publish_every == 0 or eval_due:  # an evaluation measures these weights
             record["publish_s"] = self.publish()
         self.telemetry.log(record)
         self.report(record, results)
         self.log_evaluation(wait=False)
-        if train.eval_every and (step + 1) % train.eval_every == 0 and self.eval_pending is None:
+        if eval_due:
             self.eval_pending = (step + 1, self.fleet.evaluate())
         return record
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
@@ -144,7 +144,8 @@ class Learner:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.objective, self.rank, self.buffer = cfg, objective, rank, buffer
         init_process_group(rank, cfg.world_size, address, port or free_port(), cfg.timeout_s)
-        self.target = load_target(target)
+        # a bf16 engine casts the drafter; the frozen target it shares embeddings and head with follows
+        self.target = load_target(replace(target, dtype=cfg.dtype) if cfg.dtype == "bfloat16" else target)
         spec = draft if draft.path or draft.init else DraftSpec(**{**vars(draft), "init": "random"})
         drafter = make_drafter(spec, self.target)
         drafter.train()
@@ -176,8 +177,9 @@ class Learner:
         self.engine.step()
         self.steps += 1
         metrics = {k: float(v.detach()) for k, v in out.items()}
-        metrics.update(step_s=time.perf_counter() - start, blocks=len(batch),
-                       tokens=int(batch.committed_mask.sum() + batch.rejected_mask.sum()))
+        metrics["step_s"] = time.perf_counter() - start
+        metrics.setdefault("blocks", len(batch))  # SFT reports the blocks and label tokens it drew itself
+        metrics.setdefault("tokens", int(batch.committed_mask.sum() + batch.rejected_mask.sum()))
         return metrics
 
     def enter_phase(self, phase: str) -> None:
@@ -209,7 +211,8 @@ class Learner:
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""
         staleness = self.objective.opd_max_staleness if phase == "opd" else None  # on-policy: recent drafts only
-        batch = ray.get(self.buffer.sample.remote(self.cfg.batch_size, learner_version, max_staleness=staleness),
+        rows = self.cfg.batch_size if phase == "opd" else -(-self.cfg.batch_size // self.objective.sft_anchors_per_row)
+        batch = ray.get(self.buffer.sample.remote(rows, learner_version, max_staleness=staleness),
                         timeout=self.cfg.timeout_s)
         metrics = self.train_step(phase, batch)
         metrics["staleness"] = float(np.mean(learner_version - batch.draft_version[batch.traj_index]))

@@ -29,12 +29,13 @@ def dflash_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: to
                     gamma: float = 7.0) -> torch.Tensor:
     """DFlash: cross-entropy at block offset k weighted exp(-(k-1)/gamma), normalised by the weights.
 
-    student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W].
+    student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W]. bf16 logits stay bf16 (the
+    kernel accumulates in fp32): the softmax over the vocabulary is a third of a bf16 learner's step.
     """
     width = labels.shape[1]
     weights = torch.exp(-(block_offsets(width, labels.device) - 1) / gamma).expand_as(labels)
-    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1).float(), labels.flatten().long(),
-                                           reduction="none").view_as(labels)
+    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(),
+                                           reduction="none").view_as(labels).float()
     return masked_weighted_mean(ce, weights, mask.float())
 
 

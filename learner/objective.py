@@ -29,8 +29,14 @@ class ObjectiveConfig:
     # k3 on the rejected stream: reference clamps log(p/q) to +-20 (a capped token gets no gradient, as in the
     # Draft-OPD code); floor floors both log-probs at -10 first (such a token is pushed down in full)
     rejected_clamp: str = "reference"
+    # SFT anchors drawn in the text of each sampled row: a step's learner.batch_size blocks then come from
+    # batch_size / this rows, so one row's target features serve many blocks (DFlash trains many anchors per
+    # sequence); 1 draws one anchor per sampled block
+    sft_anchors_per_row: int = 1
 
     def __post_init__(self) -> None:
+        if self.sft_anchors_per_row < 1:
+            raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
             raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
 
@@ -44,7 +50,7 @@ def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[t
 
 def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
              rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Random anchors in the committed text, as many per trajectory as the batch sampled from it."""
+    """Random anchors in the committed text: objective.sft_anchors_per_row for each block the batch sampled."""
     drafter = drafter_of(model)
     width = drafter.cfg.block_size - 1
     logits, labels, masks = [], [], []
@@ -52,7 +58,8 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         lo = max(int(batch.prompt_len[t]) - 1, lowest)
-        anchors = torch.from_numpy(rng.integers(lo, max(ids.shape[0] - 1, lo + 1), size=count))
+        anchors = rng.integers(lo, max(ids.shape[0] - 1, lo + 1), size=count * cfg.sft_anchors_per_row)
+        anchors = torch.from_numpy(anchors)
         label, mask = text_labels(ids, anchors, width)
         logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
                                           label, width))
@@ -67,7 +74,8 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     else:
         loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma)
     accuracy = ((logits.argmax(-1) == labels).float() * mask).sum() / mask.sum().clamp_min(1)
-    return {"loss": loss, "token_accuracy": accuracy.detach()}
+    return {"loss": loss, "token_accuracy": accuracy.detach(), "blocks": torch.tensor(float(len(labels))),
+            "tokens": mask.sum()}
 
 
 def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig

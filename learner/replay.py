@@ -55,11 +55,13 @@ def drafter_of(model) -> Drafter:
 
 def replay_block_logits(model, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
                         chain_tokens: torch.Tensor, width: int, widths: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [n, width, V] of blocks re-drafted at `anchors` through `model` (a drafter or its engine);
+    """Logits [n, width, V] (in the drafter's dtype) of blocks re-drafted at `anchors` through `model` (a drafter or its engine);
     chain drafters are fed `chain_tokens` [n, width-1]; `widths` [n] are the proposals each block drafted
     (Drafter.forward), None for full blocks."""
-    if drafter_of(model).cfg.kind == "eagle3":
+    drafter = drafter_of(model)
+    if drafter.cfg.kind == "eagle3":
         anchors = anchors.clamp_min(1)  # a chain needs one prefix pair; such items are masked out
+    features = features.to(next(drafter.parameters()).dtype)  # a bf16 engine trains bf16 weights on fp32 features
     return model(features, input_ids, anchors, chain_tokens[:, : width - 1], widths)
 
 
@@ -80,7 +82,7 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
     if drafter_of(model).cfg.kind == "eagle3":  # a chain needs one prefix pair before its anchor
         valid = torch.from_numpy(batch.anchor >= 1)
     return ReplayTerms(
-        student_logp=torch.log_softmax(torch.stack(logits), dim=-1),
+        student_logp=torch.log_softmax(torch.stack(logits).float(), dim=-1),  # OPD's log-ratios need fp32
         committed_tokens=torch.from_numpy(batch.committed_tokens.astype(np.int64)),
         committed_mask=torch.tensor(batch.committed_mask).float() * valid[:, None],
         teacher_committed_logp=torch.tensor(batch.committed_logprobs),

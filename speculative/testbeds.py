@@ -106,10 +106,10 @@ def dequantised(model: nn.Module) -> nn.Module:
 
 
 def load_testbed(name: str, dtype: str = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    from speculative.target import TargetNotFoundError, load_pretrained
+    from speculative.target import TargetNotFoundError, load_pretrained, torch_dtype
 
     if name == "tiny":
-        return tiny_model(), tiny_tokenizer()
+        return tiny_model().to(torch_dtype(dtype)), tiny_tokenizer()
     if name == "smol":
         if not (smol_dir() / "config.json").exists():
             raise TargetNotFoundError(f"the smol target is not prepared ({smol_dir()} is empty). "

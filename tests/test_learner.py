@@ -155,3 +155,22 @@ def test_checkpoint_during_opd_resumes_identically(batches, tmp_path):
     expected = learner.drafter.state_dict()
     for k, v in resumed.drafter.state_dict().items():
         torch.testing.assert_close(v, expected[k], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("phase", ["sft", "opd"])
+def test_a_bf16_engine_trains_what_an_fp32_engine_trains(batches, phase):
+    """learner.dtype=bfloat16: DeepSpeed casts the drafter, the learner's target follows it (they share the
+    embeddings and head), and the same steps move the weights the way fp32 steps do, up to bf16 rounding."""
+    initial = RolloutWorker(TARGET, DRAFT, RolloutConfig(num_prompts=1), 0, None).drafter.state_dict()
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(TARGET, DRAFT, LearnerConfig(dtype=dtype, lr=1e-2, warmup_steps=1, timeout_s=60),
+                          ObjectiveConfig())
+        assert next(learner.drafter.parameters()).dtype == learner.target.dtype == getattr(torch, dtype)
+        for batch in batches:
+            assert math.isfinite(learner.train_step(phase, batch)["loss"])
+        weights = learner.full_weights()
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        moved[dtype] = torch.cat([(weights[k] - initial[k]).flatten() for k in sorted(initial)])
+    assert moved["float32"].norm() > 0
+    assert (moved["bfloat16"] - moved["float32"]).norm() < 0.3 * moved["float32"].norm()

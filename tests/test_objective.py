@@ -87,3 +87,18 @@ def test_topk_variant_learns_and_needs_stored_topk():
     plain_worker, plain_buffer = rollouts("dflash", 2)
     with pytest.raises(ValueError, match="rollout.topk_logprobs"):
         phase_loss("opd", plain_worker.drafter, plain_buffer.sample(4), features, cfg, np.random.default_rng(0))
+
+
+def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
+    """sft_anchors_per_row=k: k blocks per sampled block, all in that block's row, labels inside its text."""
+    worker, buffer = rollouts("dflash", 3)
+    batch = buffer.sample(2)
+    features = target_features(worker.target)
+    one = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
+    many = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=5),
+                      np.random.default_rng(0))
+    assert one["blocks"].item() == 2 and many["blocks"].item() == 10
+    width = worker.drafter.cfg.block_size - 1
+    assert 0 < many["tokens"].item() <= 10 * width and many["tokens"].item() > one["tokens"].item()
+    with pytest.raises(ValueError, match="sft_anchors_per_row"):
+        ObjectiveConfig(sft_anchors_per_row=0)

@@ -27,7 +27,7 @@ from speculative.testbeds import tiny_model, tiny_tokenizer
 SHORT_RUN = ["train.sft_steps=20", "train.opd_steps=10", "train.publish_every=5", "rollout.num_prompts=4",
              "rollout.max_new_tokens=32", "learner.batch_size=16", "learner.lr=2e-3", "learner.warmup_steps=2",
              "train.eval_benchmark=gsm8k_train", "train.eval_prompts=4", "train.eval_max_new_tokens=32",
-             "train.eval_every=15", "buffer.min_size_to_sample=3", "buffer.timeout_s=120",
+             "train.eval_every=12", "buffer.min_size_to_sample=3", "buffer.timeout_s=120",
              "buffer.samples_per_insert=16", "buffer.ratio_tolerance=64"]
 
 
@@ -82,9 +82,11 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
     assert {r["phase"] for r in steps} == {"sft", "opd"}
     assert all({"loss", "tau", "draft_version"} <= set(r) for r in steps)
     assert steps[5]["draft_version"] == 1 and "publish_s" in steps[4]  # published after step 5
-    # the rollout actor itself reports holding the last published version (6 periodic + 1 final)
-    assert records[-1]["phase"] == "final" and records[-1]["draft_version"] == 7
-    assert sum("eval_tau" in r for r in records) == 4  # before, at step 15, at step 30, final
+    assert "publish_s" in steps[11] and "publish_s" in steps[23]  # an evaluation measures the latest weights
+    # the rollout actor itself reports holding the last published version (6 periodic, 2 for evals, 1 final)
+    assert records[-1]["phase"] == "final" and records[-1]["draft_version"] == 9
+    evals = [r["step"] for r in records if "eval_tau" in r]
+    assert evals == [0, 12, 24, 30], evals  # before, periodic, final (none periodic at the last step)
     draft = load_drafter(run / "draft", Target(tiny_model(), tiny_tokenizer(), [0, 1, 2]))
     assert draft.cfg.kind == "dflash"
 
