@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve dashboard ray-up ray-down clean
+.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,9 @@ bench-learner: smol
 
 curve: smol
 	$(BIN)/python -m benchmarks.study_sft_curve configs/smol.yaml
+
+study: smol
+	$(BIN)/python -m benchmarks.study_opd configs/smol.yaml
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer

@@ -196,7 +196,8 @@ class RolloutWorker:
         elapsed = time.perf_counter() - start
         steps = [a for accept_len in accept_lens for a in accept_len]
         return {"actor": self.actor_id, "draft_version": self.version, "trajectories": len(accept_lens),
-                "tau": tau_pooled(accept_lens), "tokens_per_s": tokens / elapsed,
+                "tau": tau_pooled(accept_lens), "tokens": tokens, "verify_steps": len(steps),
+                "tokens_per_s": tokens / elapsed,
                 "acceptance_by_position": acceptance_by_position(steps, self.drafter.cfg.block_size - 1),
                 "prompt_position": self.pool.position}
 

@@ -32,7 +32,9 @@ TRAIN = [f"train.out_dir={OUT}", "name=sft", f"train.sft_corpus={OUT}/corpus", "
          "learner.lr=1e-3", "learner.lr_schedule=cosine", "learner.warmup_steps=50",
          "train.eval_every=600", "train.eval_prompts=50", "train.eval_max_new_tokens=128", "train.eval_benchmark=gsm8k",
          "rollout.num_actors=1", "rollout.target_dtype=float32",  # the one actor only evaluates: in fp32
-         "train.publish_every=100", "train.checkpoint_every=200", "train.stage_timeout_s=3600", "resume=auto"]
+         "train.publish_every=100", "train.checkpoint_every=200",
+         "train.keep_checkpoints=9",  # every checkpoint stays: the OPD study branches from early ones too
+         "train.stage_timeout_s=3600", "resume=auto"]
 
 
 def curve(records: list[dict]) -> list[dict]:

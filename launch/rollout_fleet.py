@@ -15,6 +15,7 @@ from collections import deque
 from typing import Callable
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from actors.rollout import start_rollout_actors
 from launch.config import Config
@@ -32,6 +33,7 @@ class RolloutFleet:
         self.version, self.weights = version, None  # the draft handed out last (None: the initial one)
         self.taus = [deque(maxlen=8) for _ in self.actors]  # per actor, over its last rollout calls
         self.tokens_per_s = [0.0] * len(self.actors)
+        self.counts = {"rollout_tokens": 0, "verify_steps": 0}  # target work harvested since take_counts
         self.acceptance: deque[list[float]] = deque(maxlen=16)
         self.pending: dict[ray.ObjectRef, tuple[int, str]] = {}  # actor calls in flight
         self.idle: set[int] = set()  # restored actors waiting for start_rolling
@@ -64,6 +66,8 @@ class RolloutFleet:
                 if result["tau"] is not None:  # None: no verify step in this call
                     self.taus[i].append(result["tau"])
                 self.tokens_per_s[i] = result["tokens_per_s"]
+                self.counts["rollout_tokens"] += result["tokens"]
+                self.counts["verify_steps"] += result["verify_steps"]
                 self.acceptance.append(result["acceptance_by_position"])
             elif self.weights is not None:  # restored: the current draft before it rolls out again
                 self.actors[i].set_draft.remote(self.version, self.weights)
@@ -71,6 +75,11 @@ class RolloutFleet:
                 self.roll(i)
             else:
                 self.idle.add(i)
+
+    def take_counts(self) -> dict[str, int]:
+        """Tokens the rollouts committed and target verify passes they ran since the last call (a step's share)."""
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
 
     def roll(self, i: int) -> None:
         self.pending[self.actors[i].run.remote(self.cfg.train.rollouts_per_call)] = (i, "run")
@@ -81,6 +90,12 @@ class RolloutFleet:
         for i in sorted(self.idle):
             self.roll(i)
         self.idle.clear()
+
+    def shutdown(self) -> None:
+        """The actors killed and their CPUs given back: the next job in this process (a study) gets them."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
 
     def set_draft(self, version: int, weights: dict) -> None:
         """Put the weights once in the object store; every actor applies them between rollouts."""

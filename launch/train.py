@@ -144,10 +144,12 @@ class Job:
         self.fleet = RolloutFleet(cfg, self.buffer, state.positions if state else None,
                                   state.version if state else 0, self.fault, rolling=not offline)
         self.learners = LearnerGroup(cfg, self.buffer, console)
+        self.corpus: ray.actor.ActorHandle | None = None  # the offline SFT corpus, while SFT samples it
         if offline:
             console.print(f"offline SFT on the corpus {cfg.train.sft_corpus} for {cfg.train.sft_steps} steps; "
                           "rollouts start with the OPD phase")
-            self.learners.use_buffer(ReplayBufferActor.remote(corpus_config(cfg)), offline=True)
+            self.corpus = ReplayBufferActor.remote(corpus_config(cfg))
+            self.learners.use_buffer(self.corpus, offline=True)
         self.tau_before = state.tau_before if state else None
         self.eval_pending: tuple[int, ray.ObjectRef] | None = None  # a periodic evaluation in flight
 
@@ -225,6 +227,7 @@ class Job:
                   "tau": self.fleet.tau(), "draft_version": self.fleet.version,
                   "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),
                   "trained_tokens": sum(r["tokens"] for r in results), "time": time.time(),
+                  **self.fleet.take_counts(),  # the target work that fed this step: the study's cost axis
                   "rollout_tokens_per_s": sum(self.fleet.tokens_per_s),
                   "staleness": statistics.fmean(r["staleness"] for r in results),
                   "buffer_size": self.get(self.buffer.stats.remote(), "the buffer's size")["size"],
@@ -265,24 +268,24 @@ class Job:
         return final
 
 
+    def close(self) -> None:
+        """Every actor of the job killed and its resources given back; Ray itself stays up for the next job."""
+        self.learners.shutdown()
+        self.fleet.shutdown()
+        for buffer in (self.buffer, self.corpus):
+            if buffer is not None:
+                ray.kill(buffer, no_restart=True)
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: Config, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
-    total = cfg.train.sft_steps + cfg.train.opd_steps
-    if total < 1:
-        raise ValueError("nothing to train: set train.sft_steps and/or train.opd_steps above 0")
-    started = time.perf_counter()
-    run = RunDir(os.path.join(cfg.train.out_dir, cfg.name))
-    state = prepare(cfg, run, console)
-    if isinstance(state, dict):
-        return state
-    connect_ray(cfg)
-    job = Job(cfg, run, console, state)
+def run_steps(job: Job, state: RunState | None, total: int) -> dict:
+    """The learner steps from the state's (or from the start), then the final evaluation."""
+    cfg, console = job.cfg, job.console
     step = job.resume_learners(state) if state else 0
     if state is None:
-        console.print(f"run directory {run}; measuring held-out tau of the initial draft ...")
+        console.print(f"run directory {job.run}; measuring held-out tau of the initial draft ...")
         job.tau_before = job.evaluate(0, "init")["eval_tau"]
     console.print(f"held-out tau before training: {job.tau_before:.3f}; training {total} steps "
                   f"({cfg.train.sft_steps} sft, {cfg.train.opd_steps} opd)")
@@ -299,7 +302,25 @@ def train(cfg: Config, console: Console | None = None) -> dict:
                 continue
             tau = f"tau {record['tau']:.2f}" if record["tau"] else "tau -"
             progress.update(step, record["phase"], f"loss {record['loss']:.3f}  {tau}  v{record['draft_version']}")
-    final = job.finish()
+    return job.finish()
+
+
+def train(cfg: Config, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    total = cfg.train.sft_steps + cfg.train.opd_steps
+    if total < 1:
+        raise ValueError("nothing to train: set train.sft_steps and/or train.opd_steps above 0")
+    started = time.perf_counter()
+    run = RunDir(os.path.join(cfg.train.out_dir, cfg.name))
+    state = prepare(cfg, run, console)
+    if isinstance(state, dict):
+        return state
+    connect_ray(cfg)
+    job = Job(cfg, run, console, state)
+    try:
+        final = run_steps(job, state, total)
+    finally:
+        job.close()
     summary = {"tau_before": job.tau_before, "tau_after": final["eval_tau"], "steps": total,
                "draft": str(run.draft_dir), "wall_s": time.perf_counter() - started,
                "learner_restarts": job.learners.restarts}

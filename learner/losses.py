@@ -80,14 +80,16 @@ def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp:
 
 def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor, resp_mask: torch.Tensor,
                    rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor, rej_mask: torch.Tensor,
-                   decay: float = 0.9, rejected_clamp: str = "reference") -> dict[str, torch.Tensor]:
+                   decay: float = 0.9, rejected_clamp: str = "reference", rejected_weight: float = 1.0
+                   ) -> dict[str, torch.Tensor]:
     """Draft-OPD's decayed asymmetric KL over the response and rejected streams of N blocks ([N, W] each).
 
-    loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = decay^(offset-1), each term capped
-    (a capped term has no gradient); `rejected_clamp` is k3_reverse_kl's `clamp`.
+    loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = rejected_weight * decay^(offset-1), each
+    term capped (a capped term has no gradient); `rejected_clamp` is k3_reverse_kl's `clamp`.
+    rejected_weight=0 leaves the response stream alone (the anchors-only ablation).
     """
     width = rej_mask.shape[1]
-    w = decay ** (block_offsets(width, rej_mask.device) - 1).float() * rej_mask
+    w = rejected_weight * decay ** (block_offsets(width, rej_mask.device) - 1).float() * rej_mask
     resp = bernoulli_forward_kl(resp_teacher_logp, resp_student_logp).clamp_max(LOSS_CAP) * resp_mask
     rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp, rejected_clamp).clamp_max(LOSS_CAP) * w
     denominator = (resp_mask.sum() + w.sum()).clamp_min(1e-12)

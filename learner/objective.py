@@ -33,8 +33,13 @@ class ObjectiveConfig:
     # batch_size / this rows, so one row's target features serve many blocks (DFlash trains many anchors per
     # sequence); 1 draws one anchor per sampled block
     sft_anchors_per_row: int = 1
+    rejected_weight: float = 1.0  # scales the rejected stream's decayed weights (k3); 0: response stream only
+    sft_mix: float = 0.0  # OPD loss + sft_mix * the SFT loss on random anchors of the same rows (a mixed loss)
 
     def __post_init__(self) -> None:
+        if self.rejected_weight < 0 or self.sft_mix < 0:
+            raise ValueError(f"objective.rejected_weight and objective.sft_mix must be >= 0 "
+                             f"(got {self.rejected_weight}, {self.sft_mix})")
         if self.sft_anchors_per_row < 1:
             raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
@@ -87,7 +92,8 @@ def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     if cfg.opd_variant == "topk":
         out = topk_opd_loss(terms, batch)
     elif cfg.opd_variant == "k3":
-        out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp)
+        out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp,
+                             rejected_weight=cfg.rejected_weight)
     else:
         raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
     return {**out, **greedy_conflict_shares(*streams)}
@@ -110,5 +116,9 @@ def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, c
     if phase == "sft":
         return sft_loss(model, batch, features, cfg, rng)
     if phase == "opd":
-        return opd_loss(model, batch, features, cfg)
+        out = opd_loss(model, batch, features, cfg)
+        if cfg.sft_mix:
+            sft = sft_loss(model, batch, features, cfg, rng)
+            out.update(loss=out["loss"] + cfg.sft_mix * sft["loss"], sft_loss=sft["loss"])
+        return out
     raise ValueError(f"unknown phase {phase!r}; use sft or opd")

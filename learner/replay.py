@@ -55,9 +55,9 @@ def drafter_of(model) -> Drafter:
 
 def replay_block_logits(model, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
                         chain_tokens: torch.Tensor, width: int, widths: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits [n, width, V] (in the drafter's dtype) of blocks re-drafted at `anchors` through `model` (a drafter or its engine);
-    chain drafters are fed `chain_tokens` [n, width-1]; `widths` [n] are the proposals each block drafted
-    (Drafter.forward), None for full blocks."""
+    """Logits [n, width, V], in the drafter's dtype, of blocks re-drafted at `anchors` through `model` (a drafter
+    or its engine); chain drafters are fed `chain_tokens` [n, width-1]; `widths` [n] are the proposals each block
+    drafted (Drafter.forward), None for full blocks."""
     drafter = drafter_of(model)
     if drafter.cfg.kind == "eagle3":
         anchors = anchors.clamp_min(1)  # a chain needs one prefix pair; such items are masked out

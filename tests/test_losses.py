@@ -109,6 +109,13 @@ def test_draft_opd_loss_weights_and_normalisation_by_hand():
                          logp(rtp), logp(rsp), torch.tensor(rej_mask, dtype=torch.float32), decay=decay)
     assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
     assert out["rej_kl"].item() == pytest.approx(rej / (decay + decay ** 2), rel=1e-4)
+    half = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32), logp(rtp), logp(rsp),
+                          torch.tensor(rej_mask, dtype=torch.float32), decay=decay, rejected_weight=0.5)
+    assert half["loss"].item() == pytest.approx((resp + 0.5 * rej) / (5 + 0.5 * (decay + decay ** 2)), rel=1e-4)
+    anchors_only = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32), logp(rtp),
+                                  logp(rsp), torch.tensor(rej_mask, dtype=torch.float32), decay=decay,
+                                  rejected_weight=0.0)
+    assert anchors_only["loss"].item() == pytest.approx(resp / 5, rel=1e-4)
 
 
 def test_draft_opd_per_token_loss_is_capped():

@@ -102,3 +102,15 @@ def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
     assert 0 < many["tokens"].item() <= 10 * width and many["tokens"].item() > one["tokens"].item()
     with pytest.raises(ValueError, match="sft_anchors_per_row"):
         ObjectiveConfig(sft_anchors_per_row=0)
+
+
+def test_mixed_loss_adds_the_weighted_sft_loss_of_the_same_rows():
+    worker, buffer = rollouts("dflash", 3)
+    batch, features = buffer.sample(8), target_features(worker.target)
+    opd = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
+    sft = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(1))
+    mixed = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(sft_mix=0.5), np.random.default_rng(1))
+    assert mixed["sft_loss"].item() == pytest.approx(sft["loss"].item(), rel=1e-5)
+    assert mixed["loss"].item() == pytest.approx(opd["loss"].item() + 0.5 * sft["loss"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="rejected_weight and objective.sft_mix"):
+        ObjectiveConfig(sft_mix=-1)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from benchmarks.study_opd import table
 from benchmarks.study_sft_curve import curve
 
 
@@ -22,3 +23,59 @@ def test_curve_points_count_the_tokens_and_time_trained_before_each_evaluation()
     assert [p["train_hours"] for p in points] == pytest.approx([0.0, 0.2, 1.0])
     assert [p["eval_tau"] for p in points] == [1.0, 1.5, 2.0]
     assert points[1]["eval_tau_pooled"] == 1.4
+
+
+def arm(seed: int, tau: float, speedup: float, verify_steps: int) -> dict:
+    return {"start": "plateau", "arm": "opd", "seed": seed, "steps": 100, "verify_steps": verify_steps,
+            "wall_s": 600.0 * (seed + 1), "curve": [],
+            "evals": {"gsm8k": {"tau_mean": tau, "speedup": speedup}, "humaneval": {"tau_mean": tau - 1}}}
+
+
+def test_study_table_gives_mean_and_half_range_over_seeds():
+    starts = {"plateau": {"gsm8k": {"tau_mean": 1.9, "speedup": 1.1}}}
+    rows, markdown = table([arm(0, 2.0, 1.2, 300), arm(1, 2.4, 1.4, 500)], starts)
+    (row,) = rows
+    assert row["seeds"] == [0, 1]
+    assert row["tau_gsm8k"] == pytest.approx((2.2, 0.2)) and row["tau_humaneval"] == pytest.approx((1.2, 0.2))
+    assert row["speedup_gsm8k"] == pytest.approx((1.3, 0.1))
+    assert (row["verify_steps"], row["wall_s"]) == (400, 900)
+    lines = markdown.splitlines()
+    assert lines[2] == "| plateau | (start draft) | - | 1.900 | - | 1.10x | 0 | 0 | 0 |"
+    assert lines[3] == "| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 1.30x | 100 | 400 | 15 |"
+
+
+TINY_EVALS = ["train.eval_prompts=2", "train.eval_max_new_tokens=16", "eval.benchmarks=[gsm8k]",
+              "eval.num_prompts=2", "eval.max_new_tokens=16", "learner.batch_size=16", "learner.warmup_steps=1",
+              "train.checkpoint_every=2", "train.eval_every=2", "buffer.min_size_to_sample=3", "buffer.timeout_s=120",
+              "buffer.samples_per_insert=16", "buffer.ratio_tolerance=64", "rollout.num_prompts=4",
+              "rollout.max_new_tokens=32"]
+
+
+@pytest.mark.slow
+def test_study_runs_its_arms_from_both_starts_and_a_rerun_answers_from_disk(tmp_path):
+    """make curve then make study at tiny sizes: the early start is the curve's checkpoint draft, every arm trains
+    and is evaluated, the table lists them, and a second study call trains nothing (everything is on disk)."""
+    import json
+
+    from benchmarks import study_opd, study_sft_curve
+
+    curve = tmp_path / "curve"
+    study_sft_curve.main(["configs/tiny.yaml", f"generate.out={curve}/corpus", "generate.num_prompts=6",
+                          "generate.max_new_tokens=32", f"train.out_dir={curve}", f"train.sft_corpus={curve}/corpus",
+                          "train.sft_steps=4", "objective.sft_anchors_per_row=4", *TINY_EVALS])
+    assert [p["step"] for p in json.loads((curve / "curve.json").read_text())["points"]] == [0, 2, 4]
+    args = ["configs/tiny.yaml", "--out", str(tmp_path / "study"), "--curve-run", str(curve / "sft"),
+            "--early-step", "2", "--steps", "3", "--arms", "sft,opd-anchors-only", "--seeds", "0", *TINY_EVALS]
+    study_opd.main(args)
+    table = json.loads((tmp_path / "study" / "table.json").read_text())
+    assert [(r["start"], r["arm"]) for r in table["rows"]] == [
+        ("plateau", "sft"), ("plateau", "opd-anchors-only"), ("early", "sft"), ("early", "opd-anchors-only")]
+    assert all(r["steps"] == 3 and r["tau_gsm8k"][0] >= 1.0 for r in table["rows"])
+    opd = [r for r in table["runs"] if r["arm"] == "opd-anchors-only"]
+    assert all(r["verify_steps"] > 0 for r in opd)  # OPD's cost axis: the rollouts' target passes
+    early = (tmp_path / "study" / "early" / "draft" / "model.safetensors").read_bytes()
+    assert early != (curve / "sft" / "draft" / "model.safetensors").read_bytes()
+    stamp = (tmp_path / "study" / "plateau" / "sft-s0" / "eval.json").stat().st_mtime
+    study_opd.main(args)
+    assert (tmp_path / "study" / "plateau" / "sft-s0" / "eval.json").stat().st_mtime == stamp
+    assert json.loads((tmp_path / "study" / "table.json").read_text())["rows"] == table["rows"]
