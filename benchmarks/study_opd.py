@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -74,7 +74,7 @@ def start_draft(study: Study, start: str) -> Path:
         if not states.exists():
             raise SystemExit(f"no checkpoint at {states}: run `make curve` (it keeps every checkpoint) first")
         cfg = study.load()
-        drafter = make_drafter(cfg.draft, load_target(cfg.target))
+        drafter = make_drafter(replace(cfg.draft, init="random"), load_target(cfg.target))  # weights follow
         drafter.load_state_dict({k: v.float() for k, v in torch.load(states, weights_only=False)["module"].items()})
         drafter.save(out)
     return out
@@ -88,11 +88,13 @@ def evaluate(study: Study, draft: Path, out: Path) -> dict:
 
 
 def run_arm(study: Study, start: str, arm: str, seed: int, draft: Path) -> dict:
-    corpus = load_config(study.curve_run / "config.yaml").train.sft_corpus
     phase, overrides = ARMS[arm]
-    steps = [f"train.sft_steps={study.steps if phase == 'sft' else 0}",
-             f"train.opd_steps={study.steps if phase == 'opd' else 0}"]
-    cfg = study.load(*COMMON, *steps, *overrides, f"train.sft_corpus={corpus}", f"draft={draft}", f"learner.seed={seed}",
+    if phase == "sft":  # on the corpus the start draft was trained on
+        corpus = load_config(study.curve_run / "config.yaml").train.sft_corpus
+        steps = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
+    else:
+        steps = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
+    cfg = study.load(*COMMON, *steps, *overrides, f"draft={draft}", f"learner.seed={seed}",
                      f"buffer.seed={seed}", f"train.out_dir={study.out / start}", f"name={arm}-s{seed}")
     summary = train(cfg)
     run = RunDir(Path(cfg.train.out_dir) / cfg.name)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--early-step", type=int, default=Study.early_step)
     parser.add_argument("--steps", type=int, default=Study.steps)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run and evaluation")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     starts, arms = args.starts.split(","), args.arms.split(",")
     unknown = [s for s in starts if s not in STARTS] + [a for a in arms if a not in ARMS]
     if unknown:
