@@ -47,6 +47,9 @@ class RolloutFleet:
 
     def harvest(self, wait_s: float = 0.0) -> None:
         """Collect finished calls (waiting up to `wait_s` for one) and start each actor's next rollout."""
+        if not self.pending:  # offline SFT: nothing in flight, and ray.wait([]) returns at once (a busy loop)
+            time.sleep(wait_s)
+            return
         ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=wait_s)
         if ready:
             ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
