@@ -267,7 +267,6 @@ class Job:
         self.telemetry.close()
         return final
 
-
     def close(self) -> None:
         """Every actor of the job killed and its resources given back; Ray itself stays up for the next job."""
         self.learners.shutdown()

@@ -211,7 +211,8 @@ class Learner:
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""
         staleness = self.objective.opd_max_staleness if phase == "opd" else None  # on-policy: recent drafts only
-        rows = self.cfg.batch_size if phase == "opd" else -(-self.cfg.batch_size // self.objective.sft_anchors_per_row)
+        per_row = 1 if phase == "opd" else self.objective.sft_anchors_per_row  # SFT draws these anchors per row
+        rows = -(-self.cfg.batch_size // per_row)
         batch = ray.get(self.buffer.sample.remote(rows, learner_version, max_staleness=staleness),
                         timeout=self.cfg.timeout_s)
         metrics = self.train_step(phase, batch)
