@@ -31,7 +31,8 @@ TRAIN = [f"train.out_dir={OUT}", "name=sft", f"train.sft_corpus={OUT}/corpus", "
          "train.opd_steps=0", "learner.dtype=bfloat16", "learner.batch_size=256", "objective.sft_anchors_per_row=32",
          "learner.lr=1e-3", "learner.lr_schedule=cosine", "learner.warmup_steps=50",
          "train.eval_every=500", "train.eval_prompts=50", "train.eval_max_new_tokens=128", "train.eval_benchmark=gsm8k",
-         "rollout.num_actors=1", "rollout.target_dtype=float32", "rollout.threads=2",  # it only evaluates, in fp32
+         "rollout.num_actors=1", "rollout.target_dtype=float32",  # the one actor only evaluates, in fp32, and
+         "rollout.threads=1",  # on one thread: at two it shared both cores with the learner, which ran 4x slower
          "train.publish_every=100", "train.checkpoint_every=200",
          "train.keep_checkpoints=9",  # every checkpoint stays: the OPD study branches from early ones too
          "train.stage_timeout_s=3600", "resume=auto"]
