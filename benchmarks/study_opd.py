@@ -91,10 +91,10 @@ def run_arm(study: Study, start: str, arm: str, seed: int, draft: Path) -> dict:
     phase, overrides = ARMS[arm]
     if phase == "sft":  # on the corpus the start draft was trained on
         corpus = load_config(study.curve_run / "config.yaml").train.sft_corpus
-        steps = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
+        phases = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
     else:
-        steps = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
-    cfg = study.load(*COMMON, *steps, *overrides, f"draft={draft}", f"learner.seed={seed}",
+        phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
+    cfg = study.load(*COMMON, *phases, *overrides, f"draft={draft}", f"learner.seed={seed}",
                      f"buffer.seed={seed}", f"train.out_dir={study.out / start}", f"name={arm}-s{seed}")
     summary = train(cfg)
     run = RunDir(Path(cfg.train.out_dir) / cfg.name)
