@@ -1,7 +1,11 @@
 """The study scripts' bookkeeping: learning-curve points from a run's metrics lines."""
 
-import pytest
+import json
 
+import pytest
+import ray
+
+from benchmarks import study_opd, study_sft_curve
 from benchmarks.study_opd import table
 from benchmarks.study_sft_curve import curve
 
@@ -55,10 +59,13 @@ TINY_EVALS = ["train.eval_prompts=2", "train.eval_max_new_tokens=16", "eval.benc
 def test_study_runs_its_arms_from_both_starts_and_a_rerun_answers_from_disk(tmp_path):
     """make curve then make study at tiny sizes: the early start is the curve's checkpoint draft, every arm trains
     and is evaluated, the table lists them, and a second study call trains nothing (everything is on disk)."""
-    import json
+    try:
+        run_curve_then_study(tmp_path)
+    finally:
+        ray.shutdown()  # the study's jobs share one in-process cluster: later tests start their own
 
-    from benchmarks import study_opd, study_sft_curve
 
+def run_curve_then_study(tmp_path):
     curve = tmp_path / "curve"
     study_sft_curve.main(["configs/tiny.yaml", f"generate.out={curve}/corpus", "generate.num_prompts=6",
                           "generate.max_new_tokens=32", f"train.out_dir={curve}", f"train.sft_corpus={curve}/corpus",
