@@ -3,17 +3,21 @@
 Why: the project exists to show that on-policy distillation lifts acceptance past where SFT plateaus. Every
 arm trains the same number of learner steps, with the same lr schedule, from the same start draft, which
 `make curve`'s offline-SFT run wrote: `plateau` is its final draft, `early` its draft at an early checkpoint
-(where OPD may or may not start to pay). Each arm is a training run, then an evaluation (`draft-opd eval`:
-fp32 target, lossless checked against plain decoding); both are skipped once done and a run in progress
-resumes from its checkpoint, so an interrupted study continues where it stopped.
+(where OPD may or may not start to pay). Each arm is a training run, then its scoring:
+- held-out tau of every checkpoint on Study.text_prompts GSM8K test prompts, and of the final draft on
+  GSM8K and HumanEval, walked on the target's greedy text (`benchmarks.text_eval`: fp32 target, the accept
+  lengths decoding would record, drafter passes only, so hundreds of prompts per checkpoint are affordable);
+- `draft-opd eval` of the final draft on Study.decode_prompts GSM8K prompts: decoded tau, speedup, lossless.
+Runs and scores are skipped once done and a run in progress resumes from its checkpoint, so an interrupted
+study continues where it stopped.
 
     python -m benchmarks.study_opd configs/smol.yaml [--starts plateau,early] [--arms sft,opd,...]
                                                      [--seeds 0,1] [key=value ...]
 
-Outputs under runs/study/: START/ARM-sSEED/ (the run directory and eval.json), START/start-eval.json (the
-start draft itself), table.json and table.md (a row per start and arm: tau per benchmark as mean +- half
-the range over seeds, speedup, and the cost axes: learner steps, target verify passes, wall time), and
-START-curves.png (held-out tau during training against steps and against wall time).
+Outputs under runs/study/: START/ARM-sSEED/ (the run directory, scores.json and eval.json), START/ (the start
+draft's scores), reference-*.pt (the target's texts), table.json and table.md (a row per start and arm: tau
+per benchmark as mean +- half the range over seeds, decoded tau and speedup, and the cost axes: learner
+steps, target verify passes, wall time), and START-curves.png (tau against steps and against wall time).
 """
 
 from __future__ import annotations
@@ -21,22 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from benchmarks.text_eval import Reference, reference_texts, text_tau
 from launch.config import load_config
 from launch.eval import run_eval
 from launch.run_dir import RunDir
 from launch.train import train
-from speculative.drafter import make_drafter
-from speculative.target import load_target
+from speculative.drafter import Drafter, make_drafter
+from speculative.target import Target, load_target
 
 STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
 COMMON = ["learner.batch_size=64", "learner.lr=3e-4", "learner.opd_lr=3e-4", "learner.lr_schedule=cosine",
-          "learner.warmup_steps=10", "train.eval_every=25", "train.eval_prompts=20", "train.eval_max_new_tokens=128",
-          "train.checkpoint_every=25", "train.stage_timeout_s=3600", "resume=auto"]
+          "learner.warmup_steps=10", "train.eval_every=0", "train.eval_prompts=2", "train.eval_max_new_tokens=32",
+          "train.checkpoint_every=25", "train.keep_checkpoints=100", "train.stage_timeout_s=3600", "resume=auto"]
 ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward KL + k3, decay 0.8) but for these
     "sft": ("sft", ["objective.sft_anchors_per_row=16"]),  # continued SFT on the start draft's own corpus
     "opd": ("opd", []),
@@ -45,7 +50,7 @@ ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward
     "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
     "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
 }
-EVAL = ["eval.benchmarks=[gsm8k,humaneval]", "eval.num_prompts=100", "eval.max_new_tokens=128"]
+TEXT = ("gsm8k", "humaneval")  # benchmarks of the final drafts' text-walked tau; checkpoints get the first
 
 
 @dataclass
@@ -55,13 +60,52 @@ class Study:
     curve_run: Path = Path("runs/curve/sft")  # `make curve`'s offline-SFT run: the start drafts and the corpus
     early_step: int = 200  # the curve run's checkpoint that the early start takes its draft from
     steps: int = 100  # learner steps of every arm
+    text_prompts: int = 100  # prompts per benchmark of the text-walked tau
+    decode_prompts: int = 20  # GSM8K prompts of the decoded evaluation (speedup, lossless)
+    max_new_tokens: int = 128
     overrides: list[str] = field(default_factory=list)  # for every run and evaluation
 
     def load(self, *keys: str):
         return load_config(self.config, [*keys, *self.overrides])
 
 
-def start_draft(study: Study, start: str) -> Path:
+@dataclass
+class TextScorer:
+    """Text-walked tau on the study's reference texts; the fp32 target and the texts load on first use."""
+
+    study: Study
+    target: Target | None = None
+    refs: dict[str, list[Reference]] = field(default_factory=dict)
+
+    def drafter(self, draft: Path | None = None, states: Path | None = None) -> Drafter:
+        """A draft directory's drafter, or one holding a DeepSpeed checkpoint's weights (`states`)."""
+        cfg = self.study.load(f"draft={draft}" if draft else "draft.init=random")
+        self.target = self.target or load_target(cfg.target)
+        drafter = make_drafter(cfg.draft, self.target)
+        if states is not None:
+            weights = torch.load(states, weights_only=False)["module"]
+            drafter.load_state_dict({k: v.to(next(drafter.parameters()).dtype) for k, v in weights.items()})
+        return drafter
+
+    def __call__(self, drafter: Drafter, benchmarks: tuple[str, ...]) -> dict[str, dict]:
+        cfg = self.study.load(f"eval.num_prompts={self.study.text_prompts}",
+                              f"eval.max_new_tokens={self.study.max_new_tokens}")
+        for b in benchmarks:
+            if b not in self.refs:
+                path = self.study.out / f"reference-{b}-{self.study.text_prompts}x{self.study.max_new_tokens}.pt"
+                self.refs[b] = reference_texts(cfg, self.target, b, path)
+        stops = self.target.stop_token_ids()
+        return {b: text_tau(drafter, self.refs[b], self.study.max_new_tokens, stops) for b in benchmarks}
+
+
+def checkpoint_states(run: Path, step: int) -> Path:
+    states = RunDir(run).checkpoint(step) / "learner" / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        raise SystemExit(f"no checkpoint at {states}: run `make curve` (it keeps every checkpoint) first")
+    return states
+
+
+def start_draft(study: Study, scorer: TextScorer, start: str) -> Path:
     """The start draft as a draft directory: the curve run's final draft, or the one in its checkpoint."""
     if start == "plateau":
         draft = study.curve_run / "draft"
@@ -70,24 +114,49 @@ def start_draft(study: Study, start: str) -> Path:
         return draft
     out = study.out / start / "draft"
     if not (out / "model.safetensors").exists():
-        states = RunDir(study.curve_run).checkpoint(study.early_step) / "learner" / "mp_rank_00_model_states.pt"
-        if not states.exists():
-            raise SystemExit(f"no checkpoint at {states}: run `make curve` (it keeps every checkpoint) first")
-        cfg = study.load()
-        drafter = make_drafter(replace(cfg.draft, init="random"), load_target(cfg.target))  # weights follow
-        drafter.load_state_dict({k: v.float() for k, v in torch.load(states, weights_only=False)["module"].items()})
-        drafter.save(out)
+        scorer.drafter(states=checkpoint_states(study.curve_run, study.early_step)).save(out)
     return out
 
 
-def evaluate(study: Study, draft: Path, out: Path) -> dict:
-    """`draft-opd eval` of a draft, saved at `out`; read back when it exists."""
+def cached(path: Path, compute) -> dict:
+    """`compute()`, saved as JSON at `path`; read back when it exists."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(compute(), indent=2))
+    return json.loads(path.read_text())
+
+
+def decoded(study: Study, draft: Path, out: Path) -> dict:
+    """`draft-opd eval` of a draft on Study.decode_prompts GSM8K prompts, saved at `out`."""
     if not out.exists():
-        run_eval(study.load(*EVAL, f"draft={draft}", f"eval.out={out}"))
-    return {s["benchmark"]: s for s in json.loads(out.read_text())["summaries"]}
+        run_eval(study.load("eval.benchmarks=[gsm8k]", f"eval.num_prompts={study.decode_prompts}",
+                            f"eval.max_new_tokens={study.max_new_tokens}", f"draft={draft}", f"eval.out={out}"))
+    return json.loads(out.read_text())["summaries"][0]
 
 
-def run_arm(study: Study, start: str, arm: str, seed: int, draft: Path) -> dict:
+def score_draft(study: Study, scorer: TextScorer, draft: Path, out: Path) -> dict:
+    """A final or start draft: text-walked tau on every TEXT benchmark, and the decoded evaluation."""
+    text = cached(out / "scores.json", lambda: scorer(scorer.drafter(draft), TEXT))
+    return {"text": text, "decoded": decoded(study, draft, out / "eval.json")}
+
+
+def score_run(study: Study, scorer: TextScorer, run: RunDir, start_tau: float) -> list:
+    """(step, time, GSM8K text-walked tau) at step 0 (the start draft), every kept checkpoint and the end."""
+    times = {r["step"]: r["time"] for r in run.records() if r.get("phase") in ("sft", "opd") and "time" in r}
+    steps = sorted(int(c.name.split("-")[1]) for c in run.complete_checkpoints())
+
+    def compute() -> list:
+        points = [(0, None, start_tau)]
+        for step in (s for s in steps if s < study.steps):
+            drafter = scorer.drafter(states=checkpoint_states(run.path, step))
+            points.append((step, times.get(step), scorer(drafter, TEXT[:1])[TEXT[0]]["tau_mean"]))
+        final = cached(run.path / "scores.json", lambda: scorer(scorer.drafter(run.draft_dir), TEXT))
+        return points + [(study.steps, times.get(study.steps), final[TEXT[0]]["tau_mean"])]
+
+    return cached(run.path / "curve.json", lambda: {"points": compute()})["points"]
+
+
+def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, draft: Path, start_tau: float) -> dict:
     phase, overrides = ARMS[arm]
     if phase == "sft":  # on the corpus the start draft was trained on
         corpus = load_config(study.curve_run / "config.yaml").train.sft_corpus
@@ -98,11 +167,11 @@ def run_arm(study: Study, start: str, arm: str, seed: int, draft: Path) -> dict:
                      f"buffer.seed={seed}", f"train.out_dir={study.out / start}", f"name={arm}-s{seed}")
     summary = train(cfg)
     run = RunDir(Path(cfg.train.out_dir) / cfg.name)
-    steps = [r for r in run.records() if r.get("phase") in ("sft", "opd")]
-    evals = evaluate(study, run.draft_dir, run.path / "eval.json")
-    return {"start": start, "arm": arm, "seed": seed, "evals": evals, "steps": len(steps),
-            "verify_steps": sum(r.get("verify_steps", 0) for r in steps), "wall_s": summary["wall_s"],
-            "curve": [(r["step"], r.get("time"), r["eval_tau"]) for r in run.records() if "eval_tau" in r]}
+    steps = {r["step"]: r for r in run.records() if r.get("phase") in ("sft", "opd")}.values()  # a resume relogs
+    curve = score_run(study, scorer, run, start_tau)
+    return {"start": start, "arm": arm, "seed": seed, **score_draft(study, scorer, run.draft_dir, run.path),
+            "steps": len(steps), "verify_steps": sum(r.get("verify_steps", 0) for r in steps),
+            "wall_s": summary["wall_s"], "curve": curve}
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -111,31 +180,33 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str]:
-    benchmarks = sorted({b for r in results for b in r["evals"]} | {b for e in starts.values() for b in e})
-    rows, lines = [], ["| start | arm | seeds | " + " | ".join(f"tau {b}" for b in benchmarks)
-                       + " | speedup (gsm8k) | learner steps | target verify passes | wall min |",
-                       "|" + "---|" * (len(benchmarks) + 7)]
-    for start, evals in starts.items():
-        cells = [f"{evals[b]['tau_mean']:.3f}" if b in evals else "-" for b in benchmarks]
-        speed = evals.get("gsm8k", {}).get("speedup")
-        lines.append(f"| {start} | (start draft) | - | " + " | ".join(cells) +
-                     (f" | {speed:.2f}x" if speed else " | -") + " | 0 | 0 | 0 |")
+    """A row per start draft and per (start, arm); `starts` maps a start to its score_draft."""
+    benchmarks = sorted({b for r in [*results, *starts.values()] for b in r["text"]})
+    lines = ["| start | arm | seeds | " + " | ".join(f"tau {b}" for b in benchmarks)
+             + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | wall min |",
+             "|" + "---|" * (len(benchmarks) + 9)]
+    for start, scores in starts.items():
+        cells = [f"{scores['text'][b]['tau_mean']:.3f}" for b in benchmarks]
+        dec = scores["decoded"]
+        lines.append(f"| {start} | (start draft) | - | " + " | ".join(cells) + f" | {dec['tau_mean']:.2f} | "
+                     f"{dec['speedup']:.2f}x | {str(dec['lossless']).lower()} | 0 | 0 | 0 |")
+    rows = []
     for start, arm in dict.fromkeys((r["start"], r["arm"]) for r in results):
         group = [r for r in results if (r["start"], r["arm"]) == (start, arm)]
         row = {"start": start, "arm": arm, "seeds": [r["seed"] for r in group]}
-        cells = []
         for b in benchmarks:
-            taus = [r["evals"][b]["tau_mean"] for r in group if b in r["evals"]]
-            row[f"tau_{b}"] = spread(taus) if taus else None
-            cells.append(f"{row[f'tau_{b}'][0]:.3f} +- {row[f'tau_{b}'][1]:.3f}" if taus else "-")
-        speedups = [r["evals"]["gsm8k"]["speedup"] for r in group if "gsm8k" in r["evals"]]
-        row["speedup_gsm8k"] = spread(speedups) if speedups else None
+            row[f"tau_{b}"] = spread([r["text"][b]["tau_mean"] for r in group])
+        row["decoded_tau_gsm8k"] = spread([r["decoded"]["tau_mean"] for r in group])
+        row["speedup_gsm8k"] = spread([r["decoded"]["speedup"] for r in group])
+        row["lossless"] = all(r["decoded"]["lossless"] for r in group)
         for key in ("steps", "verify_steps", "wall_s"):
             row[key] = statistics.fmean(r[key] for r in group)
         rows.append(row)
+        cells = [f"{row[f'tau_{b}'][0]:.3f} +- {row[f'tau_{b}'][1]:.3f}" for b in benchmarks]
         lines.append(f"| {start} | {arm} | {len(group)} | " + " | ".join(cells) +
-                     (f" | {row['speedup_gsm8k'][0]:.2f}x" if speedups else " | -") +
-                     f" | {row['steps']:.0f} | {row['verify_steps']:.0f} | {row['wall_s'] / 60:.0f} |")
+                     f" | {row['decoded_tau_gsm8k'][0]:.2f} | {row['speedup_gsm8k'][0]:.2f}x | "
+                     f"{str(row['lossless']).lower()} | {row['steps']:.0f} | {row['verify_steps']:.0f} | "
+                     f"{row['wall_s'] / 60:.0f} |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -148,12 +219,12 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for r in (r for r in results if r["start"] == start):
         steps, times, taus = zip(*r["curve"])
-        t0 = next(t for t in times if t is not None)
+        t0 = min((t for t in times if t is not None), default=0.0)
         label = f"{r['arm']} s{r['seed']}"
         axes[0].plot(steps, taus, marker="o", label=label)
         axes[1].plot([((t or t0) - t0) / 60 for t in times], taus, marker="o", label=label)
-    for ax, xlabel in zip(axes, ("learner step", "wall time (min)")):
-        ax.set(xlabel=xlabel, ylabel="held-out tau during training (GSM8K test)")
+    for ax, xlabel in zip(axes, ("learner step", "wall time from the first step (min)")):
+        ax.set(xlabel=xlabel, ylabel="held-out tau (GSM8K test, text-walked)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle(f"Draft-OPD study from the {start} draft")
@@ -168,30 +239,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--starts", default=",".join(STARTS))
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--out", type=Path, default=Study.out)
-    parser.add_argument("--curve-run", type=Path, default=Study.curve_run)
-    parser.add_argument("--early-step", type=int, default=Study.early_step)
-    parser.add_argument("--steps", type=int, default=Study.steps)
+    for name in ("out", "curve_run", "early_step", "steps", "text_prompts", "decode_prompts", "max_new_tokens"):
+        default = getattr(Study, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run and evaluation")
     args = parser.parse_intermixed_args(argv)
     starts, arms = args.starts.split(","), args.arms.split(",")
     unknown = [s for s in starts if s not in STARTS] + [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown start or arm {unknown}: starts are {list(STARTS)}, arms {list(ARMS)}")
-    study = Study(args.config, args.out, args.curve_run, args.early_step, args.steps, args.overrides)
-    results, start_evals = [], {}
+    study = Study(args.config, args.out, args.curve_run, args.early_step, args.steps, args.text_prompts,
+                  args.decode_prompts, args.max_new_tokens, args.overrides)
+    scorer = TextScorer(study)
+    results, start_scores = [], {}
     for start in starts:
-        draft = start_draft(study, start)
-        start_evals[start] = evaluate(study, draft, study.out / start / "start-eval.json")
+        draft = start_draft(study, scorer, start)
+        start_scores[start] = score_draft(study, scorer, draft, study.out / start)
         for arm in arms:
             for seed in map(int, args.seeds.split(",")):
-                results.append(run_arm(study, start, arm, seed, draft))
-    rows, markdown = table(results, start_evals)
-    (study.out / "table.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
-    (study.out / "table.md").write_text(markdown)
-    print(markdown)
+                results.append(run_arm(study, scorer, start, arm, seed, draft,
+                                       start_scores[start]["text"][TEXT[0]]["tau_mean"]))
+                write_outputs(study, results, start_scores)
+    print((study.out / "table.md").read_text())
     for start in starts:
         print(plot(results, start, study.out / f"{start}-curves.png"))
+
+
+def write_outputs(study: Study, results: list[dict], start_scores: dict[str, dict]) -> None:
+    """The table so far: a long study shows its finished arms while the next one trains."""
+    rows, markdown = table(results, start_scores)
+    (study.out / "table.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
+    (study.out / "table.md").write_text(markdown)
 
 
 if __name__ == "__main__":

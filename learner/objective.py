@@ -17,6 +17,7 @@ from buffer import SampleBatch
 from learner.losses import (REJECTED_CLAMPS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
                             topk_forward_kl, topk_total_variation)
 from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
+from speculative.text_tau import text_labels
 
 
 @dataclass
@@ -44,13 +45,6 @@ class ObjectiveConfig:
             raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
             raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
-
-
-def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """labels[n, j] = ids[anchor+1+j] inside the sequence; mask marks which exist."""
-    pos = anchors[:, None] + 1 + torch.arange(width)
-    mask = pos < ids.shape[0]
-    return ids[pos.clamp_max(ids.shape[0] - 1)], mask
 
 
 def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,

@@ -29,23 +29,28 @@ def test_curve_points_count_the_tokens_and_time_trained_before_each_evaluation()
     assert points[1]["eval_tau_pooled"] == 1.4
 
 
+def scores(tau: float, speedup: float) -> dict:
+    return {"text": {"gsm8k": {"tau_mean": tau}, "humaneval": {"tau_mean": tau - 1}},
+            "decoded": {"tau_mean": tau + 0.1, "speedup": speedup, "lossless": True}}
+
+
 def arm(seed: int, tau: float, speedup: float, verify_steps: int) -> dict:
     return {"start": "plateau", "arm": "opd", "seed": seed, "steps": 100, "verify_steps": verify_steps,
-            "wall_s": 600.0 * (seed + 1), "curve": [],
-            "evals": {"gsm8k": {"tau_mean": tau, "speedup": speedup}, "humaneval": {"tau_mean": tau - 1}}}
+            "wall_s": 600.0 * (seed + 1), "curve": [], **scores(tau, speedup)}
 
 
 def test_study_table_gives_mean_and_half_range_over_seeds():
-    starts = {"plateau": {"gsm8k": {"tau_mean": 1.9, "speedup": 1.1}}}
-    rows, markdown = table([arm(0, 2.0, 1.2, 300), arm(1, 2.4, 1.4, 500)], starts)
+    rows, markdown = table([arm(0, 2.0, 1.2, 300), arm(1, 2.4, 1.4, 500)], {"plateau": scores(1.9, 1.1)})
     (row,) = rows
     assert row["seeds"] == [0, 1]
     assert row["tau_gsm8k"] == pytest.approx((2.2, 0.2)) and row["tau_humaneval"] == pytest.approx((1.2, 0.2))
+    assert row["decoded_tau_gsm8k"] == pytest.approx((2.3, 0.2))
     assert row["speedup_gsm8k"] == pytest.approx((1.3, 0.1))
     assert (row["verify_steps"], row["wall_s"]) == (400, 900)
     lines = markdown.splitlines()
-    assert lines[2] == "| plateau | (start draft) | - | 1.900 | - | 1.10x | 0 | 0 | 0 |"
-    assert lines[3] == "| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 1.30x | 100 | 400 | 15 |"
+    assert lines[2] == "| plateau | (start draft) | - | 1.900 | 0.900 | 2.00 | 1.10x | true | 0 | 0 | 0 |"
+    assert lines[3] == ("| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 2.30 | 1.30x | true | 100 | 400 "
+                        "| 15 |")
 
 
 TINY_EVALS = ["train.eval_prompts=2", "train.eval_max_new_tokens=16", "eval.benchmarks=[gsm8k]",
@@ -72,17 +77,20 @@ def run_curve_then_study(tmp_path):
                           "train.sft_steps=4", "objective.sft_anchors_per_row=4", *TINY_EVALS])
     assert [p["step"] for p in json.loads((curve / "curve.json").read_text())["points"]] == [0, 2, 4]
     args = ["configs/tiny.yaml", "--out", str(tmp_path / "study"), "--curve-run", str(curve / "sft"),
-            "--early-step", "2", "--steps", "3", "--arms", "sft,opd-anchors-only", "--seeds", "0", *TINY_EVALS]
+            "--early-step", "2", "--steps", "4", "--arms", "sft,opd-anchors-only", "--seeds", "0",
+            "--text-prompts", "3", "--decode-prompts", "2", "--max-new-tokens", "16", *TINY_EVALS]
     study_opd.main(args)
     table = json.loads((tmp_path / "study" / "table.json").read_text())
     assert [(r["start"], r["arm"]) for r in table["rows"]] == [
         ("plateau", "sft"), ("plateau", "opd-anchors-only"), ("early", "sft"), ("early", "opd-anchors-only")]
-    assert all(r["steps"] == 3 and r["tau_gsm8k"][0] >= 1.0 for r in table["rows"])
+    assert all(r["steps"] == 4 and r["tau_gsm8k"][0] >= 1.0 and r["lossless"] for r in table["rows"])
+    # the curve: the start draft, the checkpoint at step 2 (checkpoint_every) and the final draft
+    assert all([p[0] for p in r["curve"]] == [0, 2, 4] for r in table["runs"])
     opd = [r for r in table["runs"] if r["arm"] == "opd-anchors-only"]
     assert all(r["verify_steps"] > 0 for r in opd)  # OPD's cost axis: the rollouts' target passes
     early = (tmp_path / "study" / "early" / "draft" / "model.safetensors").read_bytes()
     assert early != (curve / "sft" / "draft" / "model.safetensors").read_bytes()
-    stamp = (tmp_path / "study" / "plateau" / "sft-s0" / "eval.json").stat().st_mtime
+    stamp = (tmp_path / "study" / "plateau" / "sft-s0" / "scores.json").stat().st_mtime
     study_opd.main(args)
-    assert (tmp_path / "study" / "plateau" / "sft-s0" / "eval.json").stat().st_mtime == stamp
+    assert (tmp_path / "study" / "plateau" / "sft-s0" / "scores.json").stat().st_mtime == stamp
     assert json.loads((tmp_path / "study" / "table.json").read_text())["rows"] == table["rows"]

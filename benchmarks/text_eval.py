@@ -1,0 +1,53 @@
+"""Held-out tau of many drafts on the same benchmark prompts, walked on the target's greedy text.
+
+The reference texts (the target's T = 0 response to each prompt's first turn, with its features) are decoded
+once, batched, and cached in a file; each draft then costs drafter passes only (`speculative.text_tau`).
+A study scores every checkpoint of every arm this way; `draft-opd eval` measures speed and losslessness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors.rollout import Request, decode_requests
+from benchmarks.datasets import load_benchmark
+from launch.config import Config
+from speculative.decode import DecodeConfig
+from speculative.drafter import Drafter
+from speculative.target import Target
+from speculative.tau import tau_mean, tau_pooled
+from speculative.text_tau import greedy_accept_lens
+
+
+@dataclass
+class Reference:
+    tokens: list[int]  # prompt + the target's greedy response
+    prompt_len: int
+    features: torch.Tensor  # [len(tokens), F], the target's
+
+
+def reference_texts(cfg: Config, target: Target, benchmark: str, path: Path, batch_size: int = 16
+                    ) -> list[Reference]:
+    """The target's greedy responses to the first eval.num_prompts prompts of `benchmark`, cached at `path`."""
+    if path.exists():
+        return [Reference(**r) for r in torch.load(path, weights_only=False)]
+    if cfg.eval.temperature > 0:
+        raise ValueError("tau on the target's text needs greedy decoding: set eval.temperature=0")
+    convs = load_benchmark(benchmark, cfg.data.get(benchmark), cfg.eval.num_prompts)
+    requests = [Request.of(target.tokenizer, 0, conv, cfg.target.thinking) for conv in convs]
+    decode = DecodeConfig(max_new_tokens=cfg.eval.max_new_tokens, keep_features=True)
+    order = {id(r): i for i, r in enumerate(requests)}
+    done = sorted(decode_requests(target, None, decode, batch_size, requests), key=lambda rr: order[id(rr[0])])
+    refs = [Reference(r.tokens, r.prompt_len, r.features) for _, r in done]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save([vars(r) for r in refs], path)
+    return refs
+
+
+def text_tau(drafter: Drafter, refs: list[Reference], max_new_tokens: int, stop_ids: list[int]) -> dict:
+    """tau_mean and tau_pooled (`speculative.tau`) of `drafter` over the reference texts."""
+    lens = [greedy_accept_lens(drafter, r.features, r.tokens, r.prompt_len, max_new_tokens, stop_ids) for r in refs]
+    return {"tau_mean": tau_mean(lens), "tau_pooled": tau_pooled(lens), "prompts": len(refs)}

@@ -1,0 +1,73 @@
+"""Acceptance walked on the target's greedy text equals what speculative decoding records (tiny target)."""
+
+import pytest
+import torch
+
+from speculative.decode import DecodeConfig, DecodeResult, generate
+from speculative.tau import tau_mean
+from speculative.text_tau import greedy_accept_lens, text_labels
+from tests.conftest import make_drafter
+
+PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [250, 7]]
+
+
+def references(target, max_new_tokens: int) -> list[DecodeResult]:
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, keep_features=True, stop_token_ids=[])
+    return [generate(target, prompt, None, cfg) for prompt in PROMPTS]
+
+
+def fit_to(drafter, refs: list[DecodeResult], steps: int = 60) -> None:
+    """A few SFT steps on the references' own text, so that blocks are accepted partly, as a trained draft's."""
+    opt = torch.optim.Adam(drafter.parameters(), lr=3e-3)
+    width = drafter.cfg.block_size - 1
+    for _ in range(steps):
+        for ref in refs:
+            ids = torch.tensor(ref.tokens)
+            anchors = torch.arange(max(ref.prompt_len - 1, 1), len(ref.tokens) - 1)
+            labels, mask = text_labels(ids, anchors, width)
+            logits = drafter(ref.features.clone(), ids, anchors, labels[:, : width - 1])
+            loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+                    * mask.flatten()).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.fixture(scope="module", params=["dflash", "eagle3"])
+def fitted(request, tiny_target):
+    refs = references(tiny_target, 40)
+    drafter = make_drafter(tiny_target, request.param, block_size=6)
+    fit_to(drafter, refs)
+    return drafter.eval(), refs
+
+
+@pytest.mark.parametrize("max_new_tokens", [40, 29])
+def test_accept_lens_on_the_text_are_those_decoding_records(tiny_target, fitted, max_new_tokens):
+    drafter, refs = fitted
+    spec_lens, text_lens = [], []
+    for ref, prompt in zip(refs, PROMPTS):
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_token_ids=[])
+        spec = generate(tiny_target, prompt, drafter, cfg)
+        spec_lens.append([s.accept_len for s in spec.steps])
+        text_lens.append(greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, max_new_tokens, []))
+    assert text_lens == spec_lens
+    assert max(max(lens) for lens in spec_lens) >= 2  # the fitted draft is accepted in part: a real comparison
+    assert tau_mean(text_lens) == tau_mean(spec_lens)
+
+
+def test_a_stop_token_ends_the_walk_where_decoding_ends(tiny_target, fitted):
+    drafter, refs = fitted
+    ref, prompt = refs[1], PROMPTS[1]
+    stop = ref.tokens[ref.prompt_len + 17]
+    cfg = DecodeConfig(max_new_tokens=40, stop_token_ids=[stop])
+    spec = generate(tiny_target, prompt, drafter, cfg)
+    assert spec.stopped and spec.num_new_tokens < 40
+    walked = greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, 40, [stop])
+    assert walked == [s.accept_len for s in spec.steps]
+
+
+def test_a_reference_shorter_than_max_new_tokens_is_refused(tiny_target, fitted):
+    drafter, refs = fitted
+    ref = refs[0]
+    with pytest.raises(ValueError, match="generate it with at least that many new tokens"):
+        greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, 64, [])
