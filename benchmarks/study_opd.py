@@ -28,20 +28,16 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from benchmarks.text_eval import Reference, reference_texts, text_tau
+from benchmarks.text_eval import TextScorer, checkpoint_states
 from launch.config import load_config
 from launch.eval import run_eval
 from launch.run_dir import RunDir
 from launch.train import train
-from speculative.drafter import Drafter, make_drafter
-from speculative.target import Target, load_target
 
 STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
 COMMON = ["learner.batch_size=64", "learner.lr=3e-4", "learner.opd_lr=3e-4", "learner.lr_schedule=cosine",
           "learner.warmup_steps=10", "train.eval_every=0", "train.eval_prompts=2", "train.eval_max_new_tokens=32",
-          "train.checkpoint_every=25", "train.keep_checkpoints=100", "train.stage_timeout_s=3600", "resume=auto"]
+          "train.checkpoint_every=50", "train.keep_checkpoints=100", "train.stage_timeout_s=3600", "resume=auto"]
 ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward KL + k3, decay 0.8) but for these
     "sft": ("sft", ["objective.sft_anchors_per_row=16"]),  # continued SFT on the start draft's own corpus
     "opd": ("opd", []),
@@ -61,48 +57,12 @@ class Study:
     early_step: int = 200  # the curve run's checkpoint that the early start takes its draft from
     steps: int = 100  # learner steps of every arm
     text_prompts: int = 100  # prompts per benchmark of the text-walked tau
-    decode_prompts: int = 20  # GSM8K prompts of the decoded evaluation (speedup, lossless)
+    decode_prompts: int = 10  # GSM8K prompts of the decoded evaluation (speedup, lossless): ~3 min a draft here
     max_new_tokens: int = 128
     overrides: list[str] = field(default_factory=list)  # for every run and evaluation
 
     def load(self, *keys: str):
         return load_config(self.config, [*keys, *self.overrides])
-
-
-@dataclass
-class TextScorer:
-    """Text-walked tau on the study's reference texts; the fp32 target and the texts load on first use."""
-
-    study: Study
-    target: Target | None = None
-    refs: dict[str, list[Reference]] = field(default_factory=dict)
-
-    def drafter(self, draft: Path | None = None, states: Path | None = None) -> Drafter:
-        """A draft directory's drafter, or one holding a DeepSpeed checkpoint's weights (`states`)."""
-        cfg = self.study.load(f"draft={draft}" if draft else "draft.init=random")
-        self.target = self.target or load_target(cfg.target)
-        drafter = make_drafter(cfg.draft, self.target)
-        if states is not None:
-            weights = torch.load(states, weights_only=False)["module"]
-            drafter.load_state_dict({k: v.to(next(drafter.parameters()).dtype) for k, v in weights.items()})
-        return drafter
-
-    def __call__(self, drafter: Drafter, benchmarks: tuple[str, ...]) -> dict[str, dict]:
-        cfg = self.study.load(f"eval.num_prompts={self.study.text_prompts}",
-                              f"eval.max_new_tokens={self.study.max_new_tokens}")
-        for b in benchmarks:
-            if b not in self.refs:
-                path = self.study.out / f"reference-{b}-{self.study.text_prompts}x{self.study.max_new_tokens}.pt"
-                self.refs[b] = reference_texts(cfg, self.target, b, path)
-        stops = self.target.stop_token_ids()
-        return {b: text_tau(drafter, self.refs[b], self.study.max_new_tokens, stops) for b in benchmarks}
-
-
-def checkpoint_states(run: Path, step: int) -> Path:
-    states = RunDir(run).checkpoint(step) / "learner" / "mp_rank_00_model_states.pt"
-    if not states.exists():
-        raise SystemExit(f"no checkpoint at {states}: run `make curve` (it keeps every checkpoint) first")
-    return states
 
 
 def start_draft(study: Study, scorer: TextScorer, start: str) -> Path:
@@ -250,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown start or arm {unknown}: starts are {list(STARTS)}, arms {list(ARMS)}")
     study = Study(args.config, args.out, args.curve_run, args.early_step, args.steps, args.text_prompts,
                   args.decode_prompts, args.max_new_tokens, args.overrides)
-    scorer = TextScorer(study)
+    scorer = TextScorer(study.load, study.out, study.text_prompts, study.max_new_tokens)
     results, start_scores = [], {}
     for start in starts:
         draft = start_draft(study, scorer, start)

@@ -5,9 +5,14 @@ starts from such a draft. This measures how far that recipe gets on this machine
 resumable and skipped once done, so an interrupted `make curve` picks up where it stopped:
 
 1. `draft-opd generate`: the target's greedy answers to GSM8K training prompts, with stored features;
-2. `draft-opd train`: offline SFT on that corpus (bf16 learner, many anchors per row), with held-out
-   evaluations (GSM8K test, fp32 target) every train.eval_every steps;
-3. the curve: OUT/curve.json and OUT/curve.png from the run's metrics.jsonl.
+2. `draft-opd train`: offline SFT on that corpus (bf16 learner, many anchors per row), checkpointed every
+   200 steps and every checkpoint kept;
+3. held-out tau of the initial draft, of every checkpoint and of the final draft on the first 50 GSM8K test
+   prompts x 128 new tokens, fp32 target, walked on the target's greedy text (`benchmarks.text_eval`: the
+   accept lengths decoding records, without decoding); then OUT/curve.json and OUT/curve.png.
+   Why after training and not during: a decoded evaluation beside the learner shares its 2 cores and
+   slowed it up to 4x for the quarter hour it took (see the README); scored afterwards, one checkpoint
+   costs about a minute.
 
     python -m benchmarks.study_sft_curve configs/smol.yaml [key=value ...]   (overrides apply to both runs)
 """
@@ -18,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.text_eval import TextScorer, checkpoint_states
 from launch.config import load_config
 from launch.generate import generate_corpus
 from launch.run_dir import RunDir
@@ -30,28 +36,43 @@ GENERATE = [f"generate.out={OUT}/corpus", "generate.num_prompts=2016", "generate
 TRAIN = [f"train.out_dir={OUT}", "name=sft", f"train.sft_corpus={OUT}/corpus", "train.sft_steps=1500",
          "train.opd_steps=0", "learner.dtype=bfloat16", "learner.batch_size=256", "objective.sft_anchors_per_row=32",
          "learner.lr=1e-3", "learner.lr_schedule=cosine", "learner.warmup_steps=50",
-         "train.eval_every=500", "train.eval_prompts=50", "train.eval_max_new_tokens=128", "train.eval_benchmark=gsm8k",
-         "rollout.num_actors=1", "rollout.target_dtype=float32",  # the one actor only evaluates, in fp32, and
-         "rollout.threads=1",  # on one thread: at two it shared both cores with the learner, which ran 4x slower
+         "train.eval_every=0", "train.eval_prompts=2", "train.eval_max_new_tokens=32",  # the run's own check only:
+         "rollout.num_actors=1", "rollout.threads=1",  # the curve's points are scored afterwards (stage 3)
          "train.publish_every=100", "train.checkpoint_every=200",
          "train.keep_checkpoints=9",  # every checkpoint stays: the OPD study branches from early ones too
          "train.stage_timeout_s=3600", "resume=auto"]
 
 
-def curve(records: list[dict]) -> list[dict]:
-    """One point per held-out evaluation: its step, the label tokens and hours of training before it."""
+CURVE_PROMPTS, CURVE_TOKENS = 50, 128  # held-out GSM8K test prompts x new tokens of every point
+
+
+def curve(records: list[dict], taus: dict[int, dict]) -> list[dict]:
+    """One point per scored step (`taus`: step -> text_tau): the label tokens and learner hours trained before it.
+    Hours add each step's own time, so a pause between an interruption and its resume does not count."""
     steps = {r["step"]: r for r in records if r.get("phase") in ("sft", "opd")}  # the last line of a step wins
-    start = min((r["time"] for r in steps.values()), default=None)
-    points, tokens, hours = [], 0, 0.0
-    ordered = sorted(steps)
-    evals = {r["step"]: r for r in records if "eval_tau" in r}  # the last evaluation of a step wins
-    for r in (evals[s] for s in sorted(evals)):
-        done = [s for s in ordered if s <= r["step"]]
+    points = []
+    for step in sorted(taus):
+        done = [s for s in sorted(steps) if s <= step]
         tokens = sum(steps[s]["trained_tokens"] for s in done)
-        hours = (steps[done[-1]]["time"] - start) / 3600 if done else 0.0
-        points.append({"step": r["step"], "trained_tokens": tokens, "train_hours": hours, "eval_tau": r["eval_tau"],
-                       "eval_tau_pooled": r.get("eval_tau_pooled")})
+        hours = sum(steps[s]["step_s"] for s in done) / 3600
+        points.append({"step": step, "trained_tokens": tokens, "train_hours": hours,
+                       "eval_tau": taus[step]["tau_mean"], "eval_tau_pooled": taus[step]["tau_pooled"]})
     return points
+
+
+def score(scorer: TextScorer, run: RunDir, final_step: int) -> dict[int, dict]:
+    """GSM8K text-walked tau of the initial draft, every kept checkpoint and the final draft, cached per step
+    in the run's text-scores.json (a rerun scores only what is new)."""
+    path = run.path / "text-scores.json"
+    scores = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+    kept = (int(c.name.split("-")[1]) for c in run.complete_checkpoints())
+    todo = {0: {}, **{s: {"states": checkpoint_states(run.path, s)} for s in kept}, final_step: {"draft": run.draft_dir}}
+    for step, source in sorted(todo.items()):
+        if step not in scores:
+            scores[step] = scorer(scorer.drafter(**source), ("gsm8k",))["gsm8k"]
+            path.write_text(json.dumps(scores, indent=2))
+            print(f"step {step:>5}: held-out tau {scores[step]['tau_mean']:.3f}")
+    return scores
 
 
 def plot(points: list[dict], title: str, out: Path) -> Path:
@@ -79,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     generate_corpus(load_config(path, GENERATE + overrides + ["train.sft_corpus=null"]))  # not written yet
     cfg = load_config(path, TRAIN + overrides)
     summary = train(cfg)
-    points = curve(RunDir(Path(cfg.train.out_dir) / cfg.name).records())
-    out = Path(cfg.train.out_dir)
+    out, run = Path(cfg.train.out_dir), RunDir(Path(cfg.train.out_dir) / cfg.name)
+    scorer = TextScorer(lambda *keys: load_config(path, [*keys, *overrides]), out, CURVE_PROMPTS, CURVE_TOKENS)
+    points = curve(run.records(), score(scorer, run, cfg.train.sft_steps))
     (out / "curve.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2))
     title = (f"offline SFT on {cfg.name}: {cfg.draft.kind} block {cfg.draft.block_size}, "
-             f"{cfg.train.eval_prompts} GSM8K test prompts x {cfg.train.eval_max_new_tokens} tokens")
+             f"{CURVE_PROMPTS} GSM8K test prompts x {CURVE_TOKENS} tokens")
     print(plot(points, title, out / "curve.png"))
     for p in points:
         print(f"step {p['step']:>5}  {p['trained_tokens'] / 1e6:7.2f} M tokens  {p['train_hours']:5.2f} h  "

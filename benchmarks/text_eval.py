@@ -7,17 +7,19 @@ A study scores every checkpoint of every arm this way; `draft-opd eval` measures
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from actors.rollout import Request, decode_requests
 from benchmarks.datasets import load_benchmark
 from launch.config import Config
+from launch.run_dir import RunDir
 from speculative.decode import DecodeConfig
-from speculative.drafter import Drafter
-from speculative.target import Target
+from speculative.drafter import Drafter, make_drafter
+from speculative.target import Target, load_target
 from speculative.tau import tau_mean, tau_pooled
 from speculative.text_tau import greedy_accept_lens
 
@@ -51,3 +53,44 @@ def text_tau(drafter: Drafter, refs: list[Reference], max_new_tokens: int, stop_
     """tau_mean and tau_pooled (`speculative.tau`) of `drafter` over the reference texts."""
     lens = [greedy_accept_lens(drafter, r.features, r.tokens, r.prompt_len, max_new_tokens, stop_ids) for r in refs]
     return {"tau_mean": tau_mean(lens), "tau_pooled": tau_pooled(lens), "prompts": len(refs)}
+
+
+def checkpoint_states(run: Path, step: int) -> Path:
+    """The drafter weights in a run's DeepSpeed checkpoint at `step`."""
+    states = RunDir(run).checkpoint(step) / "learner" / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        raise SystemExit(f"no checkpoint at {states}: the run has not reached step {step} or did not keep it")
+    return states
+
+
+@dataclass
+class TextScorer:
+    """Text-walked tau of drafts on `prompts` x `max_new_tokens` references per benchmark, cached in `cache_dir`;
+    `load(*overrides)` gives the config (its target, fp32 for evaluation; its draft settings). The target and
+    the reference texts load on first use."""
+
+    load: Callable[..., Config]
+    cache_dir: Path
+    prompts: int
+    max_new_tokens: int
+    target: Target | None = None
+    refs: dict[str, list[Reference]] = field(default_factory=dict)
+
+    def drafter(self, draft: Path | None = None, states: Path | None = None) -> Drafter:
+        """A draft directory's drafter, or one holding a DeepSpeed checkpoint's weights (`states`)."""
+        cfg = self.load(f"draft={draft}" if draft else "draft.init=random")
+        self.target = self.target or load_target(cfg.target)
+        drafter = make_drafter(cfg.draft, self.target)
+        if states is not None:
+            weights = torch.load(states, weights_only=False)["module"]
+            drafter.load_state_dict({k: v.to(next(drafter.parameters()).dtype) for k, v in weights.items()})
+        return drafter
+
+    def __call__(self, drafter: Drafter, benchmarks: tuple[str, ...]) -> dict[str, dict]:
+        cfg = self.load(f"eval.num_prompts={self.prompts}", f"eval.max_new_tokens={self.max_new_tokens}")
+        for b in benchmarks:
+            if b not in self.refs:
+                path = self.cache_dir / f"reference-{b}-{self.prompts}x{self.max_new_tokens}.pt"
+                self.refs[b] = reference_texts(cfg, self.target, b, path)
+        stops = self.target.stop_token_ids()
+        return {b: text_tau(drafter, self.refs[b], self.max_new_tokens, stops) for b in benchmarks}
