@@ -1,6 +1,6 @@
 """Imports flow one way. Each module sits in a layer; it may import its own package and lower layers only.
 
-    tools      benchmarks.bench_*, .study_*, .fault_injection   (perf, study and fault scripts drive whole jobs)
+    tools      benchmarks.bench_*, .study_*, .text_eval, .fault_injection   (scripts that drive whole jobs)
     launch     entry points, the job's run directory, rollout fleet, learner group
     actors, learner                                              (never each other)
     benchmarks.datasets, .chat, .protocol                        (prompt sets: training reads them too)
@@ -23,7 +23,7 @@ LAYERS = [
     ("benchmarks.datasets", "benchmarks.chat", "benchmarks.protocol"),
     ("actors", "learner"),
     ("launch",),
-    ("benchmarks.bench_", "benchmarks.study_", "benchmarks.fault_injection"),
+    ("benchmarks.bench_", "benchmarks.study_", "benchmarks.text_eval", "benchmarks.fault_injection"),
 ]
 
 
