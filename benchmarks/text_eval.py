@@ -31,16 +31,16 @@ class Reference:
     features: torch.Tensor  # [len(tokens), F], the target's
 
 
-def reference_texts(cfg: Config, target: Target, benchmark: str, path: Path, batch_size: int = 16
-                    ) -> list[Reference]:
-    """The target's greedy responses to the first eval.num_prompts prompts of `benchmark`, cached at `path`."""
+def reference_texts(cfg: Config, target: Target, benchmark: str, prompts: int, max_new_tokens: int, path: Path,
+                    batch_size: int = 16) -> list[Reference]:
+    """The target's greedy responses to the first `prompts` prompts of `benchmark`, cached at `path`."""
     if path.exists():
         return [Reference(**r) for r in torch.load(path, weights_only=False)]
     if cfg.eval.temperature > 0:
         raise ValueError("tau on the target's text needs greedy decoding: set eval.temperature=0")
-    convs = load_benchmark(benchmark, cfg.data.get(benchmark), cfg.eval.num_prompts)
+    convs = load_benchmark(benchmark, cfg.data.get(benchmark), prompts)
     requests = [Request.of(target.tokenizer, 0, conv, cfg.target.thinking) for conv in convs]
-    decode = DecodeConfig(max_new_tokens=cfg.eval.max_new_tokens, keep_features=True)
+    decode = DecodeConfig(max_new_tokens=max_new_tokens, keep_features=True)
     order = {id(r): i for i, r in enumerate(requests)}
     done = sorted(decode_requests(target, None, decode, batch_size, requests), key=lambda rr: order[id(rr[0])])
     refs = [Reference(r.tokens, r.prompt_len, r.features) for _, r in done]
@@ -87,10 +87,10 @@ class TextScorer:
         return drafter
 
     def __call__(self, drafter: Drafter, benchmarks: tuple[str, ...]) -> dict[str, dict]:
-        cfg = self.load(f"eval.num_prompts={self.prompts}", f"eval.max_new_tokens={self.max_new_tokens}")
+        cfg = self.load()
         for b in benchmarks:
             if b not in self.refs:
                 path = self.cache_dir / f"reference-{b}-{self.prompts}x{self.max_new_tokens}.pt"
-                self.refs[b] = reference_texts(cfg, self.target, b, path)
+                self.refs[b] = reference_texts(cfg, self.target, b, self.prompts, self.max_new_tokens, path)
         stops = self.target.stop_token_ids()
         return {b: text_tau(drafter, self.refs[b], self.max_new_tokens, stops) for b in benchmarks}
