@@ -45,6 +45,9 @@ ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward
     "opd-decay1": ("opd", ["objective.opd_decay=1.0"]),
     "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
     "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
+    # beyond the paper: the response stream's forward KL to the one-hot greedy target, which T = 0 accepts against
+    "opd-greedy": ("opd", ["objective.response_kl=greedy"]),
+    "opd-greedy-anchors-only": ("opd", ["objective.response_kl=greedy", "objective.rejected_weight=0"]),
 }
 TEXT = ("gsm8k", "humaneval")  # benchmarks of the final drafts' text-walked tau; checkpoints get the first
 

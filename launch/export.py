@@ -188,7 +188,8 @@ def training_section(run: Run) -> str:
     lines = [
         f"- Phases: SFT warm-up for {train.get('sft_steps')} learner steps ({sft}), then Draft-OPD for "
         f"{train.get('opd_steps')} steps (error-position replay of the draft's own rollouts, variant "
-        f"`{objective.get('opd_variant')}`, rejected-stream decay {objective.get('opd_decay')}). Steps logged: "
+        f"`{objective.get('opd_variant')}`, response KL `{objective.get('response_kl', 'bernoulli')}`, rejected-stream decay "
+        f"{objective.get('opd_decay')}). Steps logged: "
         + (", ".join(f"{k} {v}" for k, v in done.items()) or "none") + f"; total {run.summary.get('steps')}"
         + (f", {wall / 60:.1f} min wall" if wall else "") + ".",
         (f"- Learner: lr {learner.get('lr')}, batch {learner.get('batch_size')}, warm-up {learner.get('warmup_steps')} "

@@ -13,6 +13,7 @@ LOGP_FLOOR = -10.0  # Draft-OPD clamps log-probs here, so a vanishing p or q can
 LOSS_CAP = 10.0  # ... and each token's loss here
 LOG_RATIO_CLAMP = 20.0  # the reference clamps the rejected stream's log(p/q) here instead of flooring log-probs
 REJECTED_CLAMPS = ("reference", "floor")
+RESPONSE_KLS = ("bernoulli", "greedy")
 
 
 def block_offsets(width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -61,6 +62,16 @@ def bernoulli_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor)
     return p * (lp - lq) + (1 - p) * (torch.log1p(-p.clamp_max(1 - eps)) - torch.log1p(-q.clamp_max(1 - eps)))
 
 
+def greedy_forward_kl(student_logp: torch.Tensor) -> torch.Tensor:
+    """Forward KL to the target's greedy distribution, a one-hot on its argmax: -log q of the committed token.
+
+    At T = 0 verification accepts a proposal iff it is the target's argmax, so this, not the Bernoulli KL to p,
+    is the forward KL that acceptance measures; it never lowers q of a committed token. Not floored nor capped:
+    cross-entropy's gradient is bounded, and the tokens the draft rules out most are the ones to raise.
+    """
+    return -student_logp
+
+
 def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp: str = "reference"
                   ) -> torch.Tensor:
     """Reverse KL estimated at a student sample with k3: r = p/q, (r - 1) - log r (>= 0, unbiased).
@@ -80,17 +91,23 @@ def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp:
 
 def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor, resp_mask: torch.Tensor,
                    rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor, rej_mask: torch.Tensor,
-                   decay: float = 0.9, rejected_clamp: str = "reference", rejected_weight: float = 1.0
-                   ) -> dict[str, torch.Tensor]:
+                   decay: float = 0.9, rejected_clamp: str = "reference", rejected_weight: float = 1.0,
+                   response_kl: str = "bernoulli") -> dict[str, torch.Tensor]:
     """Draft-OPD's decayed asymmetric KL over the response and rejected streams of N blocks ([N, W] each).
 
     loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = rejected_weight * decay^(offset-1), each
-    term capped (a capped term has no gradient); `rejected_clamp` is k3_reverse_kl's `clamp`.
-    rejected_weight=0 leaves the response stream alone (the anchors-only ablation).
+    Bernoulli and k3 term capped (a capped term has no gradient); `rejected_clamp` is k3_reverse_kl's `clamp`.
+    rejected_weight=0 leaves the response stream alone (the anchors-only ablation). response_kl: bernoulli
+    (the paper's) or greedy (greedy_forward_kl, the T = 0 target).
     """
     width = rej_mask.shape[1]
     w = rejected_weight * decay ** (block_offsets(width, rej_mask.device) - 1).float() * rej_mask
-    resp = bernoulli_forward_kl(resp_teacher_logp, resp_student_logp).clamp_max(LOSS_CAP) * resp_mask
+    if response_kl == "bernoulli":
+        resp = bernoulli_forward_kl(resp_teacher_logp, resp_student_logp).clamp_max(LOSS_CAP) * resp_mask
+    elif response_kl == "greedy":
+        resp = greedy_forward_kl(resp_student_logp) * resp_mask
+    else:
+        raise ValueError(f"unknown response KL {response_kl!r}; use one of {RESPONSE_KLS}")
     rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp, rejected_clamp).clamp_max(LOSS_CAP) * w
     denominator = (resp_mask.sum() + w.sum()).clamp_min(1e-12)
     return {"loss": (resp.sum() + rej.sum()) / denominator, "resp_kl": resp.sum() / resp_mask.sum().clamp_min(1),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from buffer import SampleBatch
-from learner.losses import (REJECTED_CLAMPS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
+from learner.losses import (REJECTED_CLAMPS, RESPONSE_KLS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
                             topk_forward_kl, topk_total_variation)
 from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
 from speculative.text_tau import text_labels
@@ -36,6 +36,9 @@ class ObjectiveConfig:
     sft_anchors_per_row: int = 1
     rejected_weight: float = 1.0  # scales the rejected stream's decayed weights (k3); 0: response stream only
     sft_mix: float = 0.0  # OPD loss + sft_mix * the SFT loss on random anchors of the same rows (a mixed loss)
+    # k3's response stream: bernoulli (the paper's forward KL of the accept event to p) or greedy (cross-entropy on
+    # the committed tokens: the forward KL to the one-hot greedy target that T = 0 verification accepts against)
+    response_kl: str = "bernoulli"
 
     def __post_init__(self) -> None:
         if self.rejected_weight < 0 or self.sft_mix < 0:
@@ -45,6 +48,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
             raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
+        if self.response_kl not in RESPONSE_KLS:
+            raise ValueError(f"objective.response_kl must be one of {RESPONSE_KLS} (got {self.response_kl!r})")
 
 
 def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
@@ -87,7 +92,7 @@ def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
         out = topk_opd_loss(terms, batch)
     elif cfg.opd_variant == "k3":
         out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp,
-                             rejected_weight=cfg.rejected_weight)
+                             rejected_weight=cfg.rejected_weight, response_kl=cfg.response_kl)
     else:
         raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
     return {**out, **greedy_conflict_shares(*streams)}

@@ -118,6 +118,29 @@ def test_draft_opd_loss_weights_and_normalisation_by_hand():
     assert anchors_only["loss"].item() == pytest.approx(resp / 5, rel=1e-4)
 
 
+def test_greedy_response_kl_is_cross_entropy_on_the_committed_tokens_by_hand():
+    """response_kl=greedy: -log q per committed token (no floor, no cap), the rejected stream as before."""
+    resp_q = [[0.5, 1e-6], [0.25, 0.0]]
+    resp_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    rej_p, rej_q = torch.tensor([[0.1, 0.2], [0.3, 0.4]]), torch.tensor([[0.5, 0.4], [0.6, 0.2]])
+    rej_mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    teacher = torch.full((2, 2), -0.1)  # ignored by the greedy response KL
+    student = torch.tensor(resp_q).clamp_min(1e-30).log().requires_grad_()
+    out = draft_opd_loss(teacher, student, resp_mask, rej_p.log(), rej_q.log(), rej_mask, decay=0.5,
+                         response_kl="greedy")
+    ce = -math.log(0.5) - math.log(1e-6) - math.log(0.25)  # 14.5: past the Bernoulli cap, kept in full
+    k3 = [(p / q - 1 - math.log(p / q)) for p, q in ((0.2, 0.4), (0.3, 0.6), (0.4, 0.2))]
+    weights = [0.5, 1.0, 0.5]
+    expected = (ce + sum(w * v for w, v in zip(weights, k3))) / (3 + sum(weights))
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["resp_kl"].item() == pytest.approx(ce / 3, rel=1e-5)
+    out["loss"].backward()
+    denominator = 3 + sum(weights)
+    assert student.grad.flatten().tolist() == pytest.approx([-1 / denominator] * 3 + [0.0], rel=1e-5)
+    with pytest.raises(ValueError, match="bernoulli"):
+        draft_opd_loss(teacher, student, resp_mask, rej_p.log(), rej_q.log(), rej_mask, response_kl="kl")
+
+
 def test_draft_opd_per_token_loss_is_capped():
     big = draft_opd_loss(torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1),
                          torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1))

@@ -114,3 +114,17 @@ def test_mixed_loss_adds_the_weighted_sft_loss_of_the_same_rows():
     assert mixed["loss"].item() == pytest.approx(opd["loss"].item() + 0.5 * sft["loss"].item(), rel=1e-5)
     with pytest.raises(ValueError, match="rejected_weight and objective.sft_mix"):
         ObjectiveConfig(sft_mix=-1)
+
+
+def test_greedy_response_kl_is_the_cross_entropy_of_the_committed_tokens():
+    """objective.response_kl=greedy with the rejected stream off: the OPD loss is -log q of the target's
+    committed (greedy) tokens at the recorded anchors, averaged over the response stream."""
+    worker, buffer = rollouts("dflash", 3)
+    batch, features = buffer.sample(8), target_features(worker.target)
+    cfg = ObjectiveConfig(response_kl="greedy", rejected_weight=0)
+    out = phase_loss("opd", worker.drafter, batch, features, cfg, np.random.default_rng(0))
+    terms = replay(worker.drafter, batch, features)
+    ce = -(terms.student_at(terms.committed_tokens) * terms.committed_mask).sum() / terms.committed_mask.sum()
+    assert out["loss"].item() == pytest.approx(ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="response_kl"):
+        ObjectiveConfig(response_kl="forward")
