@@ -66,8 +66,8 @@ bench-learner: smol
 curve: smol
 	$(BIN)/python -m benchmarks.study_sft_curve configs/smol.yaml
 
-study: smol
-	$(BIN)/python -m benchmarks.study_opd configs/smol.yaml
+study: smol  # the whole grid by default; e.g. make study STUDY_ARGS="--starts plateau --arms sft,opd --seeds 0"
+	$(BIN)/python -m benchmarks.study_opd configs/smol.yaml $(STUDY_ARGS)
 
 bench-buffer: setup
 	$(BIN)/python -m benchmarks.bench_buffer

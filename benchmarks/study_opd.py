@@ -17,7 +17,7 @@ study continues where it stopped.
 Outputs under runs/study/: START/ARM-sSEED/ (the run directory, scores.json and eval.json), START/ (the start
 draft's scores), reference-*.pt (the target's texts), table.json and table.md (a row per start and arm: tau
 per benchmark as mean +- half the range over seeds, decoded tau and speedup, and the cost axes: learner
-steps, target verify passes, wall time), and START-curves.png (tau against steps and against wall time).
+steps, target verify passes, training time), and START-curves.png (tau against steps and against training time).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from benchmarks.text_eval import TextScorer, checkpoint_states
 from launch.config import load_config
 from launch.eval import run_eval
-from launch.run_dir import RunDir
+from launch.run_dir import RunDir, step_records, training_seconds
 from launch.train import train
 
 STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
@@ -104,19 +104,21 @@ def score_draft(study: Study, scorer: TextScorer, draft: Path, out: Path) -> dic
 
 
 def score_run(study: Study, scorer: TextScorer, run: RunDir, start_tau: float) -> list:
-    """(step, time, GSM8K text-walked tau) at step 0 (the start draft), every kept checkpoint and the end."""
-    times = {r["step"]: r["time"] for r in run.records() if r.get("phase") in ("sft", "opd") and "time" in r}
+    """(step, training seconds, GSM8K text-walked tau) at step 0 (the start draft), every kept checkpoint and the
+    end. Seconds add each step's own time (rollout waits included), so a resumed run's pause does not count."""
     steps = sorted(int(c.name.split("-")[1]) for c in run.complete_checkpoints())
 
     def compute() -> list:
-        points = [(0, None, start_tau)]
+        points = [(0, start_tau)]
         for step in (s for s in steps if s < study.steps):
             drafter = scorer.drafter(states=checkpoint_states(run.path, step))
-            points.append((step, times.get(step), scorer(drafter, TEXT[:1])[TEXT[0]]["tau_mean"]))
+            points.append((step, scorer(drafter, TEXT[:1])[TEXT[0]]["tau_mean"]))
         final = cached(run.path / "scores.json", lambda: scorer(scorer.drafter(run.draft_dir), TEXT))
-        return points + [(study.steps, times.get(study.steps), final[TEXT[0]]["tau_mean"])]
+        return points + [(study.steps, final[TEXT[0]]["tau_mean"])]
 
-    return cached(run.path / "curve.json", lambda: {"points": compute()})["points"]
+    seconds = training_seconds(run.records())
+    taus = cached(run.path / "curve.json", lambda: {"points": compute()})["points"]
+    return [(point[0], seconds.get(point[0], 0.0), point[-1]) for point in taus]
 
 
 def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, draft: Path, start_tau: float) -> dict:
@@ -128,13 +130,13 @@ def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, d
         phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
     cfg = study.load(*COMMON, *phases, *overrides, f"draft={draft}", f"learner.seed={seed}",
                      f"buffer.seed={seed}", f"train.out_dir={study.out / start}", f"name={arm}-s{seed}")
-    summary = train(cfg)
+    train(cfg)
     run = RunDir(Path(cfg.train.out_dir) / cfg.name)
-    steps = {r["step"]: r for r in run.records() if r.get("phase") in ("sft", "opd")}.values()  # a resume relogs
+    steps = step_records(run.records()).values()
     curve = score_run(study, scorer, run, start_tau)
     return {"start": start, "arm": arm, "seed": seed, **score_draft(study, scorer, run.draft_dir, run.path),
             "steps": len(steps), "verify_steps": sum(r.get("verify_steps", 0) for r in steps),
-            "wall_s": summary["wall_s"], "curve": curve}
+            "train_s": curve[-1][1], "curve": curve}
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -146,7 +148,7 @@ def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str
     """A row per start draft and per (start, arm); `starts` maps a start to its score_draft."""
     benchmarks = sorted({b for r in [*results, *starts.values()] for b in r["text"]})
     lines = ["| start | arm | seeds | " + " | ".join(f"tau {b}" for b in benchmarks)
-             + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | wall min |",
+             + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | train min |",
              "|" + "---|" * (len(benchmarks) + 9)]
     for start, scores in starts.items():
         cells = [f"{scores['text'][b]['tau_mean']:.3f}" for b in benchmarks]
@@ -162,14 +164,14 @@ def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str
         row["decoded_tau_gsm8k"] = spread([r["decoded"]["tau_mean"] for r in group])
         row["speedup_gsm8k"] = spread([r["decoded"]["speedup"] for r in group])
         row["lossless"] = all(r["decoded"]["lossless"] for r in group)
-        for key in ("steps", "verify_steps", "wall_s"):
+        for key in ("steps", "verify_steps", "train_s"):
             row[key] = statistics.fmean(r[key] for r in group)
         rows.append(row)
         cells = [f"{row[f'tau_{b}'][0]:.3f} +- {row[f'tau_{b}'][1]:.3f}" for b in benchmarks]
         lines.append(f"| {start} | {arm} | {len(group)} | " + " | ".join(cells) +
                      f" | {row['decoded_tau_gsm8k'][0]:.2f} | {row['speedup_gsm8k'][0]:.2f}x | "
                      f"{str(row['lossless']).lower()} | {row['steps']:.0f} | {row['verify_steps']:.0f} | "
-                     f"{row['wall_s'] / 60:.0f} |")
+                     f"{row['train_s'] / 60:.1f} |")
     return rows, "\n".join(lines) + "\n"
 
 
@@ -181,12 +183,11 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for r in (r for r in results if r["start"] == start):
-        steps, times, taus = zip(*r["curve"])
-        t0 = min((t for t in times if t is not None), default=0.0)
+        steps, seconds, taus = zip(*r["curve"])
         label = f"{r['arm']} s{r['seed']}"
         axes[0].plot(steps, taus, marker="o", label=label)
-        axes[1].plot([((t or t0) - t0) / 60 for t in times], taus, marker="o", label=label)
-    for ax, xlabel in zip(axes, ("learner step", "wall time from the first step (min)")):
+        axes[1].plot([s / 60 for s in seconds], taus, marker="o", label=label)
+    for ax, xlabel in zip(axes, ("learner step", "training time, rollouts included (min)")):
         ax.set(xlabel=xlabel, ylabel="held-out tau (GSM8K test, text-walked)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks.text_eval import TextScorer, checkpoint_states
 from launch.config import load_config
 from launch.generate import generate_corpus
-from launch.run_dir import RunDir
+from launch.run_dir import RunDir, step_records, training_seconds
 from launch.train import train
 
 OUT = "runs/curve"
@@ -49,12 +49,11 @@ CURVE_PROMPTS, CURVE_TOKENS = 50, 128  # held-out GSM8K test prompts x new token
 def curve(records: list[dict], taus: dict[int, dict]) -> list[dict]:
     """One point per scored step (`taus`: step -> text_tau): the label tokens and learner hours trained before it.
     Hours add each step's own time, so a pause between an interruption and its resume does not count."""
-    steps = {r["step"]: r for r in records if r.get("phase") in ("sft", "opd")}  # the last line of a step wins
+    steps, seconds = step_records(records), training_seconds(records)
     points = []
     for step in sorted(taus):
-        done = [s for s in sorted(steps) if s <= step]
-        tokens = sum(steps[s]["trained_tokens"] for s in done)
-        hours = sum(steps[s]["step_s"] for s in done) / 3600
+        tokens = sum(r["trained_tokens"] for s, r in steps.items() if s <= step)
+        hours = max((t for s, t in seconds.items() if s <= step), default=0.0) / 3600
         points.append({"step": step, "trained_tokens": tokens, "train_hours": hours,
                        "eval_tau": taus[step]["tau_mean"], "eval_tau_pooled": taus[step]["tau_pooled"]})
     return points

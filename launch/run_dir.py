@@ -117,6 +117,21 @@ class RunDir:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def step_records(records: list[dict]) -> dict[int, dict]:
+    """The training step records of metrics.jsonl by step; where a resume logged a step again, its last line wins."""
+    return {r["step"]: r for r in records if r.get("phase") in ("sft", "opd")}
+
+
+def training_seconds(records: list[dict]) -> dict[int, float]:
+    """Seconds spent training up to and including each step: each step's own step_s added, so the pause between
+    an interruption and its resume does not count."""
+    total, out = 0.0, {}
+    for step, record in sorted(step_records(records).items()):
+        total += record.get("step_s", 0.0)
+        out[step] = total
+    return out
+
+
 def write_state(directory: Path, state: RunState) -> None:
     tmp = directory / (STATE + ".tmp")
     tmp.write_text(json.dumps(asdict(state)))

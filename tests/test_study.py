@@ -37,7 +37,7 @@ def scores(tau: float, speedup: float) -> dict:
 
 def arm(seed: int, tau: float, speedup: float, verify_steps: int) -> dict:
     return {"start": "plateau", "arm": "opd", "seed": seed, "steps": 100, "verify_steps": verify_steps,
-            "wall_s": 600.0 * (seed + 1), "curve": [], **scores(tau, speedup)}
+            "train_s": 600.0 * (seed + 1), "curve": [], **scores(tau, speedup)}
 
 
 def test_study_table_gives_mean_and_half_range_over_seeds():
@@ -47,11 +47,11 @@ def test_study_table_gives_mean_and_half_range_over_seeds():
     assert row["tau_gsm8k"] == pytest.approx((2.2, 0.2)) and row["tau_humaneval"] == pytest.approx((1.2, 0.2))
     assert row["decoded_tau_gsm8k"] == pytest.approx((2.3, 0.2))
     assert row["speedup_gsm8k"] == pytest.approx((1.3, 0.1))
-    assert (row["verify_steps"], row["wall_s"]) == (400, 900)
+    assert (row["verify_steps"], row["train_s"]) == (400, 900)
     lines = markdown.splitlines()
     assert lines[2] == "| plateau | (start draft) | - | 1.900 | 0.900 | 2.00 | 1.10x | true | 0 | 0 | 0 |"
     assert lines[3] == ("| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 2.30 | 1.30x | true | 100 | 400 "
-                        "| 15 |")
+                        "| 15.0 |")
 
 
 TINY_EVALS = ["train.eval_prompts=2", "train.eval_max_new_tokens=16", "eval.benchmarks=[gsm8k]",
@@ -87,6 +87,7 @@ def run_curve_then_study(tmp_path):
     assert all(r["steps"] == 4 and r["tau_gsm8k"][0] >= 1.0 and r["lossless"] for r in table["rows"])
     # the curve: the start draft, the checkpoint at step 2 (checkpoint_every) and the final draft
     assert all([p[0] for p in r["curve"]] == [0, 2, 4] for r in table["runs"])
+    assert all(r["curve"][0][1] == 0 < r["curve"][1][1] < r["curve"][2][1] for r in table["runs"])  # training s
     opd = [r for r in table["runs"] if r["arm"] == "opd-anchors-only"]
     assert all(r["verify_steps"] > 0 for r in opd)  # OPD's cost axis: the rollouts' target passes
     early = (tmp_path / "study" / "early" / "draft" / "model.safetensors").read_bytes()
