@@ -45,6 +45,9 @@ ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward
     "opd-decay1": ("opd", ["objective.opd_decay=1.0"]),
     "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
     "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
+    # random anchors in the rollouts' text instead of the rollout's own; the response stream only, so it
+    # compares with opd-anchors-only
+    "opd-random-anchors": ("opd", ["objective.opd_anchors=random"]),
     # beyond the paper: the response stream's forward KL to the one-hot greedy target, which T = 0 accepts against
     "opd-greedy": ("opd", ["objective.response_kl=greedy"]),
     "opd-greedy-anchors-only": ("opd", ["objective.response_kl=greedy", "objective.rejected_weight=0"]),

@@ -71,6 +71,7 @@ class SampleBatch:
 
     traj_ids: list[str]  # [T]
     input_ids: list[np.ndarray]  # [T] int32, zero-copy views of the stored rows
+    token_logprobs: list[np.ndarray]  # [T] float32 [len]: the target's log-prob of each committed token, NaN in prompts
     features: list[np.ndarray | None]  # [T] float16 [len, F] views; None where not stored
     prompt_len: np.ndarray  # [T]
     draft_version: np.ndarray  # [T]
@@ -159,6 +160,8 @@ def _gather(store: TrajectoryStore, rows: np.ndarray, steps: np.ndarray) -> Samp
     return SampleBatch(
         traj_ids=[s.traj_id for s in stored],
         input_ids=[s.input_ids for s in stored],
+        token_logprobs=[store.tokens.take("logprob", tok0 + np.arange(n)) for tok0, n in
+                        zip(store.rows.take("tok0", unique_rows), store.rows.take("length", unique_rows))],
         features=[s.features for s in stored],
         prompt_len=store.rows.take("prompt_len", unique_rows),
         draft_version=store.rows.take("version", unique_rows),

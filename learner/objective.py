@@ -16,8 +16,11 @@ import torch
 from buffer import SampleBatch
 from learner.losses import (REJECTED_CLAMPS, RESPONSE_KLS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
                             topk_forward_kl, topk_total_variation)
-from learner.replay import FeatureSource, drafter_of, replay, replay_block_logits
+from learner.replay import (FeatureSource, drafter_of, random_text_anchors, replay, replay_block_logits,
+                            replay_random_anchors)
 from speculative.text_tau import text_labels
+
+OPD_ANCHORS = ("rollout", "random")
 
 
 @dataclass
@@ -39,6 +42,9 @@ class ObjectiveConfig:
     # k3's response stream: bernoulli (the paper's forward KL of the accept event to p) or greedy (cross-entropy on
     # the committed tokens: the forward KL to the one-hot greedy target that T = 0 verification accepts against)
     response_kl: str = "bernoulli"
+    # where OPD replays blocks: rollout (the anchors the rollout drafted at) or random (an ablation: random anchors
+    # in the rollouts' text, the response stream only; see learner.replay.replay_random_anchors)
+    opd_anchors: str = "rollout"
 
     def __post_init__(self) -> None:
         if self.rejected_weight < 0 or self.sft_mix < 0:
@@ -50,6 +56,11 @@ class ObjectiveConfig:
             raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
         if self.response_kl not in RESPONSE_KLS:
             raise ValueError(f"objective.response_kl must be one of {RESPONSE_KLS} (got {self.response_kl!r})")
+        if self.opd_anchors not in OPD_ANCHORS:
+            raise ValueError(f"objective.opd_anchors must be one of {OPD_ANCHORS} (got {self.opd_anchors!r})")
+        if self.opd_anchors == "random" and self.opd_variant == "topk":
+            raise ValueError("objective.opd_anchors=random needs objective.opd_variant=k3: the teacher's top-k "
+                             "is stored only at the rollout's anchors")
 
 
 def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
@@ -61,9 +72,7 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     lowest = 1 if drafter.cfg.kind == "eagle3" else 0
     for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
-        lo = max(int(batch.prompt_len[t]) - 1, lowest)
-        anchors = rng.integers(lo, max(ids.shape[0] - 1, lo + 1), size=count * cfg.sft_anchors_per_row)
-        anchors = torch.from_numpy(anchors)
+        anchors = random_text_anchors(batch, t, count * cfg.sft_anchors_per_row, lowest, rng)
         label, mask = text_labels(ids, anchors, width)
         logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
                                           label, width))
@@ -82,10 +91,13 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
             "tokens": mask.sum()}
 
 
-def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig
+def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
              ) -> dict[str, torch.Tensor]:
     """The OPD variant's loss terms plus, for either variant, the greedy-conflict shares of the sampled streams."""
-    terms = replay(model, batch, features)
+    if cfg.opd_anchors == "random":
+        terms = replay_random_anchors(model, batch, features, rng)
+    else:
+        terms = replay(model, batch, features)
     streams = (terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
                terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask)
     if cfg.opd_variant == "topk":
@@ -115,7 +127,7 @@ def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, c
     if phase == "sft":
         return sft_loss(model, batch, features, cfg, rng)
     if phase == "opd":
-        out = opd_loss(model, batch, features, cfg)
+        out = opd_loss(model, batch, features, cfg, rng)
         if cfg.sft_mix:
             sft = sft_loss(model, batch, features, cfg, rng)
             out.update(loss=out["loss"] + cfg.sft_mix * sft["loss"], sft_loss=sft["loss"])

@@ -17,6 +17,7 @@ import torch
 
 from buffer import SampleBatch
 from speculative.drafter import Drafter
+from speculative.text_tau import text_labels
 
 FeatureSource = Callable[[np.ndarray, np.ndarray | None], torch.Tensor]  # (input_ids, stored fp16) -> [T, F]
 
@@ -89,4 +90,49 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
         draft_tokens=draft_tokens,
         rejected_mask=torch.tensor(batch.rejected_mask).float() * valid[:, None],
         teacher_draft_logp=torch.tensor(batch.draft_logprobs),
+    )
+
+
+
+def random_text_anchors(batch: SampleBatch, t: int, count: int, lowest: int, rng: np.random.Generator
+                        ) -> torch.Tensor:
+    """`count` anchors drawn uniformly in trajectory t's text, from its last prompt token to its second-to-last
+    token (so each has a label); `lowest` is the first anchor the drafter can take."""
+    lo = max(int(batch.prompt_len[t]) - 1, lowest)
+    return torch.from_numpy(rng.integers(lo, max(len(batch.input_ids[t]) - 1, lo + 1), size=count))
+
+
+def replay_random_anchors(model, batch: SampleBatch, features: FeatureSource, rng: np.random.Generator
+                          ) -> ReplayTerms:
+    """The ablation of rollout anchors: as many blocks per trajectory as the batch sampled, re-drafted at random
+    anchors of the rollouts' text. The current draft's greedy proposals there decide the accepted prefix; the
+    response stream is that prefix plus the first error's target token, with the rollout's teacher log-probs.
+    The rejected stream is empty: the target never scored these proposals. Items are grouped by trajectory."""
+    drafter = drafter_of(model)
+    width = drafter.cfg.block_size - 1
+    lowest = 1 if drafter.cfg.kind == "eagle3" else 0
+    logits, labels, exists, teacher = [], [], [], []
+    for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
+        ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
+        anchors = random_text_anchors(batch, t, int(count), lowest, rng)
+        label, mask = text_labels(ids, anchors, width)
+        logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+                                          label, width))
+        positions = (anchors[:, None] + 1 + torch.arange(width)).clamp_max(ids.shape[0] - 1)
+        teacher.append(torch.from_numpy(batch.token_logprobs[t])[positions])
+        labels.append(label)
+        exists.append(mask)
+    logits, labels, exists = torch.cat(logits), torch.cat(labels), torch.cat(exists)
+    proposals = logits.argmax(-1)
+    accepted = ((proposals == labels) & exists).long().cumprod(dim=1).sum(dim=1)
+    committed = exists & (torch.arange(width)[None, :] <= accepted[:, None])
+    none = torch.zeros(labels.shape)
+    return ReplayTerms(
+        student_logp=torch.log_softmax(logits.float(), dim=-1),
+        committed_tokens=labels,
+        committed_mask=committed.float(),
+        teacher_committed_logp=torch.where(committed, torch.cat(teacher).float(), 0.0),
+        draft_tokens=proposals,
+        rejected_mask=none,
+        teacher_draft_logp=none,
     )

@@ -7,9 +7,10 @@ import torch
 from actors.rollout import RolloutConfig, RolloutWorker
 from buffer import BufferConfig, ReplayBuffer
 from learner.objective import ObjectiveConfig, phase_loss
-from learner.replay import replay, target_features
+from learner.replay import random_text_anchors, replay, replay_random_anchors, target_features
 from speculative.drafter import DraftSpec
 from speculative.target import TargetConfig
+from speculative.text_tau import leading_matches
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 
@@ -128,3 +129,50 @@ def test_greedy_response_kl_is_the_cross_entropy_of_the_committed_tokens():
     assert out["loss"].item() == pytest.approx(ce.item(), rel=1e-5)
     with pytest.raises(ValueError, match="response_kl"):
         ObjectiveConfig(response_kl="forward")
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_random_anchor_replay_trains_the_drafts_matching_prefix_and_its_first_error(kind):
+    """objective.opd_anchors=random: per sampled block, an anchor drawn in the response of its row; the response
+    stream is the draft's greedy matches with the text plus the first error's target token, scored by the
+    rollout's teacher log-probs; the target never scored these proposals, so there is no rejected stream."""
+    worker, buffer = rollouts(kind, 3)
+    batch, features = buffer.sample(12), target_features(worker.target)
+    optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=3e-3)
+    for step in range(30):  # a draft that matches some of the text, so accepted prefixes vary in length
+        out = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=4),
+                         np.random.default_rng(step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    terms = replay_random_anchors(worker.drafter, batch, features, np.random.default_rng(0))
+    assert terms.committed_mask.sum(1).max() > 1
+    width, lowest = worker.drafter.cfg.block_size - 1, 1 if kind == "eagle3" else 0
+    rng, first = np.random.default_rng(0), 0  # the same draws as the replay's
+    for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
+        ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
+        anchors = random_text_anchors(batch, t, int(count), lowest, rng)
+        assert anchors.min() >= batch.prompt_len[t] - 1 and anchors.max() <= len(ids) - 2
+        matches = leading_matches(worker.drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
+                                  torch.full((int(count),), width))
+        recorded = buffer.get(batch.traj_ids[t])
+        for i, (anchor, match) in enumerate(zip(anchors.tolist(), matches.tolist())):
+            mask = terms.committed_mask[first + i].bool()
+            length = min(match + 1, width, len(ids) - 1 - anchor)
+            assert mask.tolist() == [j < length for j in range(width)]
+            assert terms.committed_tokens[first + i][mask].tolist() == ids[anchor + 1: anchor + 1 + length].tolist()
+            teacher = recorded.committed_logprobs[anchor + 1 - recorded.prompt_len: anchor + 1 - recorded.prompt_len
+                                                  + length]
+            assert terms.teacher_committed_logp[first + i][mask].tolist() == pytest.approx(list(teacher))
+        first += int(count)
+    assert first == len(batch) and terms.rejected_mask.sum() == 0
+    cfg = ObjectiveConfig(opd_anchors="random")
+    out = phase_loss("opd", worker.drafter, batch, features, cfg, np.random.default_rng(0))
+    assert torch.isfinite(out["loss"]) and out["loss"].item() == pytest.approx(out["resp_kl"].item(), rel=1e-5)
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in worker.drafter.parameters())
+    with pytest.raises(ValueError, match="opd_anchors"):
+        ObjectiveConfig(opd_anchors="anywhere")
+    with pytest.raises(ValueError, match="opd_variant=k3"):
+        ObjectiveConfig(opd_anchors="random", opd_variant="topk")
