@@ -184,18 +184,23 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
+    colors = dict(zip(ARMS, plt.get_cmap("tab10").colors))  # one colour per arm, a line style per seed
+    labelled = set()
     for r in (r for r in results if r["start"] == start):
         steps, seconds, taus = zip(*r["curve"])
-        label = f"{r['arm']} s{r['seed']}"
-        axes[0].plot(steps, taus, marker="o", label=label)
-        axes[1].plot([s / 60 for s in seconds], taus, marker="o", label=label)
+        style = {"color": colors[r["arm"]], "linestyle": ("-", "--", ":", "-.")[r["seed"] % 4], "marker": "o",
+                 "label": None if r["arm"] in labelled else r["arm"]}
+        labelled.add(r["arm"])
+        axes[0].plot(steps, taus, **style)
+        axes[1].plot([s / 60 for s in seconds], taus, **style)
     for ax, xlabel in zip(axes, ("learner step", "training time, rollouts included (min)")):
         ax.set(xlabel=xlabel, ylabel="held-out tau (GSM8K test, text-walked)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8,
+               title="arm (seed 0 solid, 1 dashed)", title_fontsize=8)
+    fig.subplots_adjust(left=0.05, right=0.82, bottom=0.13, wspace=0.22)
     fig.suptitle(f"Draft-OPD study from the {start} draft")
-    fig.tight_layout()
     fig.savefig(out, dpi=90)
     return out
 
