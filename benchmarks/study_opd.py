@@ -44,6 +44,9 @@ ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward
     "opd-anchors-only": ("opd", ["objective.rejected_weight=0"]),
     "opd-decay1": ("opd", ["objective.opd_decay=1.0"]),
     "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
+    # the response stream's exact forward KL alone: top-k's best term without the rejected stream's TV
+    "opd-topk-anchors-only": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20",
+                                      "objective.rejected_weight=0"]),
     "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
     # random anchors in the rollouts' text instead of the rollout's own; the response stream only, so it
     # compares with opd-anchors-only

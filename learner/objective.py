@@ -37,7 +37,7 @@ class ObjectiveConfig:
     # batch_size / this rows, so one row's target features serve many blocks (DFlash trains many anchors per
     # sequence); 1 draws one anchor per sampled block
     sft_anchors_per_row: int = 1
-    rejected_weight: float = 1.0  # scales the rejected stream's decayed weights (k3); 0: response stream only
+    rejected_weight: float = 1.0  # scales the rejected stream (k3's decayed weights, topk's TV); 0: response only
     sft_mix: float = 0.0  # OPD loss + sft_mix * the SFT loss on random anchors of the same rows (a mixed loss)
     # k3's response stream: bernoulli (the paper's forward KL of the accept event to p) or greedy (cross-entropy on
     # the committed tokens: the forward KL to the one-hot greedy target that T = 0 verification accepts against)
@@ -101,7 +101,7 @@ def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     streams = (terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
                terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask)
     if cfg.opd_variant == "topk":
-        out = topk_opd_loss(terms, batch)
+        out = topk_opd_loss(terms, batch, cfg.rejected_weight)
     elif cfg.opd_variant == "k3":
         out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp,
                              rejected_weight=cfg.rejected_weight, response_kl=cfg.response_kl)
@@ -110,7 +110,7 @@ def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     return {**out, **greedy_conflict_shares(*streams)}
 
 
-def topk_opd_loss(terms, batch: SampleBatch) -> dict[str, torch.Tensor]:
+def topk_opd_loss(terms, batch: SampleBatch, rejected_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Beyond the paper: exact forward KL on the response stream and TV on the rejected stream, from the
     teacher's top-k at every draft position (needs rollout.topk_logprobs > 0)."""
     if batch.topk_ids is None:
@@ -119,7 +119,7 @@ def topk_opd_loss(terms, batch: SampleBatch) -> dict[str, torch.Tensor]:
     ids, logp = torch.from_numpy(batch.topk_ids.astype(np.int64)), torch.tensor(batch.topk_logprobs)
     resp = topk_forward_kl(logp, ids, terms.student_logp, terms.committed_mask)
     rej = topk_total_variation(logp, ids, terms.student_logp, terms.rejected_mask)
-    return {"loss": resp + rej, "resp_kl": resp, "rej_tv": rej}
+    return {"loss": resp + rejected_weight * rej, "resp_kl": resp, "rej_tv": rej}
 
 
 def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,

@@ -85,6 +85,10 @@ def test_topk_variant_learns_and_needs_stored_topk():
         optimizer.step()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.8 * losses[0], losses
+    halved = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(opd_variant="topk", rejected_weight=0.5),
+                        np.random.default_rng(0))
+    assert halved["rej_tv"].item() > 0
+    assert halved["loss"].item() == pytest.approx(halved["resp_kl"].item() + 0.5 * halved["rej_tv"].item(), rel=1e-5)
     plain_worker, plain_buffer = rollouts("dflash", 2)
     with pytest.raises(ValueError, match="rollout.topk_logprobs"):
         phase_loss("opd", plain_worker.drafter, plain_buffer.sample(4), features, cfg, np.random.default_rng(0))
