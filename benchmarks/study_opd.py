@@ -189,10 +189,13 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
     colors = dict(zip(ARMS, plt.get_cmap("tab10").colors))  # one colour per arm, a line style per seed
+    styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    runs = [r for r in results if r["start"] == start]
+    seeds = sorted({r["seed"] for r in runs})
     labelled = set()
-    for r in (r for r in results if r["start"] == start):
+    for r in runs:
         steps, seconds, taus = zip(*r["curve"])
-        style = {"color": colors[r["arm"]], "linestyle": ("-", "--", ":", "-.")[r["seed"] % 4], "marker": "o",
+        style = {"color": colors[r["arm"]], "linestyle": list(styles)[r["seed"] % 4], "marker": "o",
                  "label": None if r["arm"] in labelled else r["arm"]}
         labelled.add(r["arm"])
         axes[0].plot(steps, taus, **style)
@@ -201,7 +204,8 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
         ax.set(xlabel=xlabel, ylabel="held-out tau (GSM8K test, text-walked)")
         ax.grid(alpha=0.3)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8,
-               title="arm (seed 0 solid, 1 dashed)", title_fontsize=8)
+               title="\n".join(["arm", *(f"seed {s}: {list(styles.values())[s % 4]}" for s in seeds)]),
+               title_fontsize=8)
     fig.subplots_adjust(left=0.05, right=0.82, bottom=0.13, wspace=0.22)
     fig.suptitle(f"Draft-OPD study from the {start} draft")
     fig.savefig(out, dpi=90)
