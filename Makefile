@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
+.PHONY: setup lint test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup lint
 	$(BIN)/pytest -q
+
+lint: setup  # ruff: lint and format check (line length 120, pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow
@@ -39,7 +43,7 @@ RAY_NUM_CPUS ?= 4  # logical CPUs: make run places 2 rollout actors and 1 learne
 ray-up: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH RAY_AUTH_MODE=token $(BIN)/ray start --head --dashboard-host=127.0.0.1 \
 		--num-cpus=$(RAY_NUM_CPUS) --metrics-export-port=$(METRICS_PORT)
-	@echo "submit with: RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m launch.train configs/smol.yaml"
+	@echo "submit with: RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265 $(BIN)/ray job submit --working-dir . -- python -m draft_opd.launch.train configs/smol.yaml"
 
 dashboard: ray-up
 	mkdir -p runs
@@ -55,25 +59,25 @@ ray-down:
 	if [ -f runs/.tensorboard.pid ]; then kill $$(cat runs/.tensorboard.pid) 2>/dev/null; rm -f runs/.tensorboard.pid; fi
 
 bench-verify: smol
-	$(BIN)/python -m benchmarks.bench_verify configs/smol.yaml
+	$(BIN)/python -m draft_opd.perf.verify configs/smol.yaml
 
 bench-rollout: smol
-	$(BIN)/python -m benchmarks.bench_rollout configs/smol.yaml
+	$(BIN)/python -m draft_opd.perf.rollout configs/smol.yaml
 
 bench-learner: smol
-	$(BIN)/python -m benchmarks.bench_learner configs/smol.yaml
+	$(BIN)/python -m draft_opd.perf.learner configs/smol.yaml
 
 curve: smol
-	$(BIN)/python -m benchmarks.study_sft_curve configs/smol.yaml
+	$(BIN)/python -m draft_opd.studies.sft_curve configs/smol.yaml
 
 study: smol  # the whole grid by default; e.g. make study STUDY_ARGS="--starts plateau --arms sft,opd --seeds 0"
-	$(BIN)/python -m benchmarks.study_opd configs/smol.yaml $(STUDY_ARGS)
+	$(BIN)/python -m draft_opd.studies.opd configs/smol.yaml $(STUDY_ARGS)
 
 bench-buffer: setup
-	$(BIN)/python -m benchmarks.bench_buffer
+	$(BIN)/python -m draft_opd.perf.buffer
 
 bench-faults: setup
-	$(BIN)/python -m benchmarks.bench_faults
+	$(BIN)/python -m draft_opd.faults.table
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.datasets import Conversation, benchmark_names, load_benchmark, load_prompt_file
+from draft_opd.prompts.sets import Conversation, benchmark_names, load_benchmark, load_prompt_file
 
 
 def load_prompts(source: str, num_prompts: int | None = None, key: str = "rollout.prompts") -> list[Conversation]:
@@ -18,8 +18,10 @@ def load_prompts(source: str, num_prompts: int | None = None, key: str = "rollou
     else:
         close = difflib.get_close_matches(source, benchmark_names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{key}={source!r} is neither a benchmark{hint} ({', '.join(benchmark_names())}) "
-                         "nor a .json/.jsonl prompt file")
+        raise ValueError(
+            f"{key}={source!r} is neither a benchmark{hint} ({', '.join(benchmark_names())}) "
+            "nor a .json/.jsonl prompt file"
+        )
     if not conversations:
         raise ValueError(f"{key}={source!r} holds no prompts")
     return conversations
@@ -43,8 +45,10 @@ class PromptPool:
             raise ValueError(f"shard {self.shard} out of range for {self.num_shards} shards")
         self.indices = list(range(self.shard, len(self.conversations), self.num_shards))
         if not self.indices:
-            raise ValueError(f"{len(self.conversations)} prompts cannot feed {self.num_shards} actors; "
-                             "lower rollout.num_actors or add prompts")
+            raise ValueError(
+                f"{len(self.conversations)} prompts cannot feed {self.num_shards} actors; "
+                "lower rollout.num_actors or add prompts"
+            )
 
     def peek(self) -> tuple[int, Conversation]:
         """(epoch, conversation) of the next prompt, without taking it."""

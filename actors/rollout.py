@@ -12,23 +12,29 @@ import os
 import time
 import warnings
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator
 
 import ray
 import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.prompts import PromptPool, load_prompts
-from benchmarks.chat import render_prompt
-from buffer import Trajectory
-from speculative.batch_decode import generate_batch
-from speculative.decode import (ContextTooLongError, DecodeConfig, DecodeResult, block_size_of, check_context,
-                                generate)
-from speculative.drafter import DraftSpec, make_drafter
-from speculative.target import TargetConfig, load_target
-from speculative.tau import tau_mean, tau_pooled
+from draft_opd.actors.prompts import PromptPool, load_prompts
+from draft_opd.buffer import Trajectory
+from draft_opd.prompts.chat import render_prompt
+from draft_opd.speculative.batch_decode import generate_batch
+from draft_opd.speculative.decode import (
+    ContextTooLongError,
+    DecodeConfig,
+    DecodeResult,
+    block_size_of,
+    check_context,
+    generate,
+)
+from draft_opd.speculative.loading import DraftSpec, make_drafter
+from draft_opd.speculative.target import TargetConfig, load_target
+from draft_opd.speculative.tau import tau_mean, tau_pooled
 
 
 @dataclass
@@ -48,20 +54,27 @@ class RolloutConfig:
     placement_timeout_s: float = 60.0
 
 
-def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_version: int,
-                  actor_id: str) -> Trajectory:
+def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_version: int, actor_id: str) -> Trajectory:
     steps = result.steps
     topk = steps and steps[0].topk_ids is not None
     features = result.features.to(torch.float16).numpy() if result.features is not None else None
     return Trajectory(
-        traj_id=traj_id, prompt_id=prompt_id, draft_version=draft_version, actor_id=actor_id,
-        created_at=time.time(), input_ids=result.tokens, prompt_len=result.prompt_len,
-        anchors=[s.anchor for s in steps], draft_tokens=[s.draft_tokens for s in steps],
-        accept_len=[s.accept_len for s in steps], committed_logprobs=result.committed_logprobs,
+        traj_id=traj_id,
+        prompt_id=prompt_id,
+        draft_version=draft_version,
+        actor_id=actor_id,
+        created_at=time.time(),
+        input_ids=result.tokens,
+        prompt_len=result.prompt_len,
+        anchors=[s.anchor for s in steps],
+        draft_tokens=[s.draft_tokens for s in steps],
+        accept_len=[s.accept_len for s in steps],
+        committed_logprobs=result.committed_logprobs,
         draft_logprobs=[s.draft_logprobs for s in steps],
         topk_ids=[s.topk_ids or [] for s in steps] if topk else None,
         topk_logprobs=[s.topk_logprobs or [] for s in steps] if topk else None,
-        features=features)
+        features=features,
+    )
 
 
 def trajectory_id(epoch: int, conv) -> str:
@@ -91,14 +104,14 @@ def fits_context(target, request: Request, max_new_tokens: int, block_size: int,
     try:
         check_context(target, len(request.prompt), max_new_tokens, block_size)
     except ContextTooLongError as err:
-        warnings.warn(f"{who}: skipped prompt {request.traj_id}: {err.problem}; to keep it, lower {key}",
-                      stacklevel=3)
+        warnings.warn(f"{who}: skipped prompt {request.traj_id}: {err.problem}; to keep it, lower {key}", stacklevel=3)
         return False
     return True
 
 
-def decode_requests(target, drafter, decode: DecodeConfig, batch_size: int, requests: Iterable[Request]
-                    ) -> Iterator[tuple[Request, DecodeResult]]:
+def decode_requests(
+    target, drafter, decode: DecodeConfig, batch_size: int, requests: Iterable[Request]
+) -> Iterator[tuple[Request, DecodeResult]]:
     """(request, result) in the order rows finish, `batch_size` rows per target pass (`generate_batch`);
     requests are read lazily, one whenever a row is free."""
     taken: list[Request] = []
@@ -130,8 +143,9 @@ def insert(buffer, trajectory: Trajectory) -> int:
 class RolloutWorker:
     """Loads the target once; holds the draft and its version; turns prompts into trajectories."""
 
-    def __init__(self, target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, actor_index: int = 0,
-                 buffer=None):
+    def __init__(
+        self, target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, actor_index: int = 0, buffer=None
+    ):
         if rollout.batch_size < 1:
             raise ValueError(f"rollout.batch_size must be >= 1 (got {rollout.batch_size}); 1 decodes one at a time")
         if rollout.threads > 0:
@@ -143,8 +157,12 @@ class RolloutWorker:
         self.thinking = target.thinking
         self.version = 0
         self.pool = PromptPool(load_prompts(rollout.prompts, rollout.num_prompts), actor_index, rollout.num_actors)
-        self.decode = DecodeConfig(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                   topk_logprobs=rollout.topk_logprobs, keep_features=rollout.store_features)
+        self.decode = DecodeConfig(
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature,
+            topk_logprobs=rollout.topk_logprobs,
+            keep_features=rollout.store_features,
+        )
 
     def rollout(self) -> Trajectory:
         """One trajectory from the next prompt that fits the target's context (its first user turn)."""
@@ -155,8 +173,9 @@ class RolloutWorker:
         that many at once and come in the order they finish."""
         requests = self._requests(count)
         if self.cfg.batch_size == 1:
-            decoded = ((r, generate(self.target, r.prompt, self.drafter, replace(self.decode, seed=r.seed)))
-                       for r in requests)
+            decoded = (
+                (r, generate(self.target, r.prompt, self.drafter, replace(self.decode, seed=r.seed))) for r in requests
+            )
         else:
             decoded = decode_requests(self.target, self.drafter, self.decode, self.cfg.batch_size, requests)
         for request, result in decoded:
@@ -172,14 +191,17 @@ class RolloutWorker:
         block, misses = block_size_of(self.drafter, self.decode), 0
         while count > 0:
             request = Request.of(self.target.tokenizer, *self.pool.next(), self.thinking)
-            if not fits_context(self.target, request, self.cfg.max_new_tokens, block, self.actor_id,
-                                "rollout.max_new_tokens"):
+            if not fits_context(
+                self.target, request, self.cfg.max_new_tokens, block, self.actor_id, "rollout.max_new_tokens"
+            ):
                 misses += 1
                 if misses >= len(self.pool.indices):
-                    raise ValueError(f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from "
-                                     f"rollout.prompts={self.cfg.prompts} fits the target's context with rollout."
-                                     f"max_new_tokens={self.cfg.max_new_tokens}; lower rollout.max_new_tokens or "
-                                     "use shorter prompts") from None
+                    raise ValueError(
+                        f"{self.actor_id}: none of its {len(self.pool.indices)} prompts from "
+                        f"rollout.prompts={self.cfg.prompts} fits the target's context with rollout."
+                        f"max_new_tokens={self.cfg.max_new_tokens}; lower rollout.max_new_tokens or "
+                        "use shorter prompts"
+                    ) from None
                 continue
             misses, count = 0, count - 1
             yield request
@@ -195,25 +217,35 @@ class RolloutWorker:
             tokens += len(traj.input_ids) - traj.prompt_len
         elapsed = time.perf_counter() - start
         steps = [a for accept_len in accept_lens for a in accept_len]
-        return {"actor": self.actor_id, "draft_version": self.version, "trajectories": len(accept_lens),
-                "tau": tau_pooled(accept_lens), "tokens": tokens, "verify_steps": len(steps),
-                "tokens_per_s": tokens / elapsed,
-                "acceptance_by_position": acceptance_by_position(steps, self.drafter.cfg.block_size - 1),
-                "prompt_position": self.pool.position}
+        return {
+            "actor": self.actor_id,
+            "draft_version": self.version,
+            "trajectories": len(accept_lens),
+            "tau": tau_pooled(accept_lens),
+            "tokens": tokens,
+            "verify_steps": len(steps),
+            "tokens_per_s": tokens / elapsed,
+            "acceptance_by_position": acceptance_by_position(steps, self.drafter.cfg.block_size - 1),
+            "prompt_position": self.pool.position,
+        }
 
-    def evaluate_tau(self, benchmark: str, num_prompts: int, max_new_tokens: int, path: str | None = None
-                     ) -> dict[str, float]:
+    def evaluate_tau(
+        self, benchmark: str, num_prompts: int, max_new_tokens: int, path: str | None = None
+    ) -> dict[str, float]:
         """Held-out tau of the current draft (T = 0): `eval_tau` is tau_mean (mean over prompts of each prompt's
         mean), `eval_tau_pooled` tau_pooled."""
-        from benchmarks.datasets import load_benchmark
+        from draft_opd.prompts.sets import load_benchmark
 
         accept_lens = []
         for conv in load_benchmark(benchmark, path, num_prompts):
             prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
             result = generate(self.target, prompt, self.drafter, DecodeConfig(max_new_tokens=max_new_tokens))
             accept_lens.append([s.accept_len for s in result.steps])
-        return {"eval_tau": tau_mean(accept_lens), "eval_tau_pooled": tau_pooled(accept_lens),
-                "draft_version": self.version}
+        return {
+            "eval_tau": tau_mean(accept_lens),
+            "eval_tau_pooled": tau_pooled(accept_lens),
+            "draft_version": self.version,
+        }
 
     def set_draft(self, version: int, weights: dict[str, torch.Tensor]) -> bool:
         """Apply published weights if they are newer than ours; drafter state is per-rollout, so nothing is cached."""
@@ -257,8 +289,12 @@ def _random(draft: DraftSpec) -> DraftSpec:
 RolloutActor = ray.remote(RolloutWorker)
 
 
-def start_rollout_actors(target: TargetConfig, draft: DraftSpec, rollout: RolloutConfig, buffer,
-                         ) -> tuple[list, object]:
+def start_rollout_actors(
+    target: TargetConfig,
+    draft: DraftSpec,
+    rollout: RolloutConfig,
+    buffer,
+) -> tuple[list, object]:
     """N rollout actors in one placement group; fails with a clear error when the cluster lacks resources."""
     if rollout.num_actors < 1:
         raise ValueError(f"rollout.num_actors must be >= 1 (got {rollout.num_actors})")
@@ -267,16 +303,26 @@ def start_rollout_actors(target: TargetConfig, draft: DraftSpec, rollout: Rollou
     have = ray.cluster_resources()
     short = {k: f"{v:g} needed, {have.get(k, 0):g} in the cluster" for k, v in need.items() if have.get(k, 0) < v}
     if short:
-        raise ValueError(f"{rollout.num_actors} rollout actors need more than the cluster has ({short}); "
-                         "lower rollout.num_actors or rollout.num_cpus/num_gpus, or add nodes")
+        raise ValueError(
+            f"{rollout.num_actors} rollout actors need more than the cluster has ({short}); "
+            "lower rollout.num_actors or rollout.num_cpus/num_gpus, or add nodes"
+        )
     group = placement_group([bundle] * rollout.num_actors, strategy="PACK")
     try:
         ray.get(group.ready(), timeout=rollout.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
-        raise TimeoutError(f"placement group for {rollout.num_actors} rollout actors not ready after "
-                           f"{rollout.placement_timeout_s:g} s (resources held by other jobs?)") from None
-    actors = [RolloutActor.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, max_restarts=-1,
-                                   scheduling_strategy=PlacementGroupSchedulingStrategy(group, i))
-              .remote(target, draft, rollout, i, buffer) for i in range(rollout.num_actors)]
+        raise TimeoutError(
+            f"placement group for {rollout.num_actors} rollout actors not ready after "
+            f"{rollout.placement_timeout_s:g} s (resources held by other jobs?)"
+        ) from None
+    actors = [
+        RolloutActor.options(
+            num_cpus=rollout.num_cpus,
+            num_gpus=rollout.num_gpus,
+            max_restarts=-1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, i),
+        ).remote(target, draft, rollout, i, buffer)
+        for i in range(rollout.num_actors)
+    ]
     return actors, group

@@ -7,6 +7,6 @@ Actors should send `trajectory.to_record_batch()`: Arrow crosses the object stor
 
 import ray
 
-from buffer.replay_buffer import ReplayBuffer
+from draft_opd.buffer.replay_buffer import ReplayBuffer
 
 ReplayBufferActor = ray.remote(max_concurrency=16)(ReplayBuffer)

@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class RateLimitTimeout(TimeoutError):
@@ -28,21 +28,26 @@ class RateLimitTimeout(TimeoutError):
 class RateLimiter:
     """The counters and the admission rules; callers hold the lock of the condition they wait on."""
 
-    def __init__(self, capacity: int, min_size_to_sample: int, samples_per_insert: float | None,
-                 ratio_tolerance: float):
+    def __init__(
+        self, capacity: int, min_size_to_sample: int, samples_per_insert: float | None, ratio_tolerance: float
+    ):
         if capacity < 1:
             raise ValueError(f"capacity={capacity} must be at least 1")
         if not 1 <= min_size_to_sample <= capacity:
-            raise ValueError(f"min_size_to_sample={min_size_to_sample} must be in 1..capacity={capacity}, "
-                             "otherwise sampling can never start; lower min_size_to_sample or raise capacity")
+            raise ValueError(
+                f"min_size_to_sample={min_size_to_sample} must be in 1..capacity={capacity}, "
+                "otherwise sampling can never start; lower min_size_to_sample or raise capacity"
+            )
         if samples_per_insert is not None:
             if samples_per_insert <= 0:
                 raise ValueError(f"samples_per_insert={samples_per_insert} must be positive (None: no ratio limit)")
             if 2 * ratio_tolerance < samples_per_insert + 1:
-                raise ValueError(f"ratio_tolerance={ratio_tolerance} is too small for "
-                                 f"samples_per_insert={samples_per_insert}: "
-                                 "inserts and samples could block each other forever; set ratio_tolerance >= "
-                                 f"(samples_per_insert + batch_size) / 2, i.e. at least {(samples_per_insert + 1) / 2}")
+                raise ValueError(
+                    f"ratio_tolerance={ratio_tolerance} is too small for "
+                    f"samples_per_insert={samples_per_insert}: "
+                    "inserts and samples could block each other forever; set ratio_tolerance >= "
+                    f"(samples_per_insert + batch_size) / 2, i.e. at least {(samples_per_insert + 1) / 2}"
+                )
         self.min_size_to_sample = min_size_to_sample
         self.samples_per_insert = samples_per_insert
         self.ratio_tolerance = ratio_tolerance
@@ -53,9 +58,11 @@ class RateLimiter:
         if n < 1:
             raise ValueError(f"batch_size={n} must be at least 1")
         if self.samples_per_insert is not None and 2 * self.ratio_tolerance < self.samples_per_insert + n:
-            raise ValueError(f"batch_size={n} can never fit the sample-to-insert window: "
-                             "raise ratio_tolerance to at least "
-                             f"{(self.samples_per_insert + n) / 2} or sample fewer items per call")
+            raise ValueError(
+                f"batch_size={n} can never fit the sample-to-insert window: "
+                "raise ratio_tolerance to at least "
+                f"{(self.samples_per_insert + n) / 2} or sample fewer items per call"
+            )
 
     def insert_room(self, size: int) -> int:
         """Rows insertable now: those filling up to the minimum size, or those keeping diff in the window."""
@@ -71,14 +78,18 @@ class RateLimiter:
         return self.samples_per_insert is None or self._diff(n) >= self._offset() - self.ratio_tolerance
 
     def insert_blocked_reason(self) -> str:
-        return (f"the learner is behind: inserted={self.inserted}, sampled={self.sampled} items, "
-                f"samples_per_insert={self.samples_per_insert}, ratio_tolerance={self.ratio_tolerance}")
+        return (
+            f"the learner is behind: inserted={self.inserted}, sampled={self.sampled} items, "
+            f"samples_per_insert={self.samples_per_insert}, ratio_tolerance={self.ratio_tolerance}"
+        )
 
     def sample_blocked_reason(self, size: int) -> str:
         if size < self.min_size_to_sample:
             return f"only {size} of min_size_to_sample={self.min_size_to_sample} trajectories stored"
-        return (f"the actors are behind: inserted={self.inserted}, sampled={self.sampled} items, "
-                f"samples_per_insert={self.samples_per_insert}, ratio_tolerance={self.ratio_tolerance}")
+        return (
+            f"the actors are behind: inserted={self.inserted}, sampled={self.sampled} items, "
+            f"samples_per_insert={self.samples_per_insert}, ratio_tolerance={self.ratio_tolerance}"
+        )
 
     def _diff(self, samples: int) -> float:
         return self.inserted * self.samples_per_insert - (self.sampled + samples)
@@ -87,11 +98,14 @@ class RateLimiter:
         return self.samples_per_insert * self.min_size_to_sample
 
 
-def wait_or_raise(cond: threading.Condition, ready: Callable[[], bool], timeout_s: float | None,
-                  what: str, reason: Callable[[], str]) -> None:
+def wait_or_raise(
+    cond: threading.Condition, ready: Callable[[], bool], timeout_s: float | None, what: str, reason: Callable[[], str]
+) -> None:
     """Wait on `cond` (held by the caller) until `ready()`; on timeout say what blocked and how to unblock it."""
     start = time.monotonic()
     if not cond.wait_for(ready, timeout_s):
-        raise RateLimitTimeout(f"{what} gave up after {time.monotonic() - start:.2f} s (timeout_s={timeout_s}): "
-                               f"{reason()}. "
-                               "Check that the other side is running, or raise timeout_s / widen ratio_tolerance.")
+        raise RateLimitTimeout(
+            f"{what} gave up after {time.monotonic() - start:.2f} s (timeout_s={timeout_s}): "
+            f"{reason()}. "
+            "Check that the other side is running, or raise timeout_s / widen ratio_tolerance."
+        )

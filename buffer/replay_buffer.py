@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from buffer.rate_limiter import RateLimiter, wait_or_raise
-from buffer.sampler import SampleBatch, Sampler, step_weight
-from buffer.schema import SCHEMA, Columns, Trajectory, ragged, validate
-from buffer.segments import SegmentLog, SegmentWarning
-from buffer.store import TrajectoryStore
+from draft_opd.buffer.rate_limiter import RateLimiter, wait_or_raise
+from draft_opd.buffer.sampler import SampleBatch, Sampler, step_weight
+from draft_opd.buffer.schema import SCHEMA, Columns, Trajectory, ragged, validate
+from draft_opd.buffer.segments import SegmentLog, SegmentWarning
+from draft_opd.buffer.store import TrajectoryStore
 
 
 @dataclass
@@ -50,8 +50,9 @@ class ReplayBuffer:
             raise ValueError(f"topk={config.topk} must be >= 0")
         if config.max_staleness is not None and config.max_staleness < 0:
             raise ValueError(f"max_staleness={config.max_staleness} must be >= 0 (or None for no bound)")
-        self._limiter = RateLimiter(config.capacity, config.min_size_to_sample, config.samples_per_insert,
-                                    config.ratio_tolerance)
+        self._limiter = RateLimiter(
+            config.capacity, config.min_size_to_sample, config.samples_per_insert, config.ratio_tolerance
+        )
         self._store = TrajectoryStore(config.topk, step_weight(config.sample_policy))
         self._sampler = Sampler(config.seed)
         self._cond = threading.Condition()
@@ -72,8 +73,12 @@ class ReplayBuffer:
             self._check_topk(batch)
             cols = validate(batch)
         except ValueError as e:
-            warnings.warn(f"replay buffer: skipped rows of {self._log.path(segment, 'arrow')}: {e}. Fix: open it "
-                          "with the BufferConfig (topk) it was written with, or delete it.", SegmentWarning)
+            warnings.warn(
+                f"replay buffer: skipped rows of {self._log.path(segment, 'arrow')}: {e}. Fix: open it "
+                "with the BufferConfig (topk) it was written with, or delete it.",
+                SegmentWarning,
+                stacklevel=2,
+            )
             return
         self._counts["loaded"] += self._add_rows(batch, cols, loaded_from=segment)
 
@@ -97,8 +102,10 @@ class ReplayBuffer:
         elif isinstance(item, pa.RecordBatch):
             batch = item
         else:
-            raise TypeError(f"insert takes a Trajectory or a pyarrow.RecordBatch, not {type(item).__name__}; "
-                            "use insert_many for a list")
+            raise TypeError(
+                f"insert takes a Trajectory or a pyarrow.RecordBatch, not {type(item).__name__}; "
+                "use insert_many for a list"
+            )
         cols = validate(batch)
         self._check_topk(batch)
         with self._cond:
@@ -116,8 +123,9 @@ class ReplayBuffer:
                 validate(batch)  # raises naming the mismatching fields
         return self.insert(batches[0] if len(batches) == 1 else pa.concat_batches(batches), timeout_s)
 
-    def _add_rows(self, batch: pa.RecordBatch, cols: Columns, loaded_from: int | None = None,
-                  timeout_s: float | None = None) -> int:
+    def _add_rows(
+        self, batch: pa.RecordBatch, cols: Columns, loaded_from: int | None = None, timeout_s: float | None = None
+    ) -> int:
         """Store the new rows of a validated batch in runs as long as the rate limiter and capacity allow.
 
         Inserted rows wait for the limiter and are persisted; rows loaded from a segment do neither.
@@ -130,8 +138,13 @@ class ReplayBuffer:
                 what = f"insert of {ids[i]!r}"
                 if len(ids) > 1:
                     what += f" (row {i} of a {len(ids)}-row batch; {stored} new rows before it were stored)"
-                wait_or_raise(self._cond, lambda: ids[i] in self._seen or self._insert_room() > 0, timeout_s,
-                              what, self._limiter.insert_blocked_reason)
+                wait_or_raise(
+                    self._cond,
+                    lambda i=i: ids[i] in self._seen or self._insert_room() > 0,
+                    timeout_s,
+                    what,
+                    self._limiter.insert_blocked_reason,
+                )
             if ids[i] in self._seen:
                 self._counts["duplicates"] += 1
                 i += 1
@@ -148,27 +161,38 @@ class ReplayBuffer:
     def _run_length(self, ids: list[str], start: int, room: int) -> int:
         """Rows from `start` that can be stored together: new ids, no repeats, at most `room`."""
         run = {ids[start]}
-        for traj_id in ids[start + 1:start + room]:
+        for traj_id in ids[start + 1 : start + room]:
             if traj_id in self._seen or traj_id in run:
                 break
             run.add(traj_id)
         return len(run)
 
-    def sample(self, batch_size: int, learner_version: int | None = None,
-               timeout_s: float | None = None, max_staleness: int | None = None) -> SampleBatch:
+    def sample(
+        self,
+        batch_size: int,
+        learner_version: int | None = None,
+        timeout_s: float | None = None,
+        max_staleness: int | None = None,
+    ) -> SampleBatch:
         """Draw `batch_size` blocks by the configured policy, waiting for the rate limiter and for fresh data.
 
         `max_staleness` overrides the configured bound for this call (an on-policy phase wants a
         tighter one); `learner_version` is required when a bound is set.
         """
-        min_version = self._min_version_for(learner_version, self.config.max_staleness
-                                            if max_staleness is None else max_staleness)
+        min_version = self._min_version_for(
+            learner_version, self.config.max_staleness if max_staleness is None else max_staleness
+        )
         self._limiter.check_sample_size(batch_size)
         with self._cond:
             self._min_version = min_version
             self._cond.notify_all()  # inserts held back by the ratio may now see that nothing is fresh enough
-            wait_or_raise(self._cond, lambda: self._can_sample(batch_size), self._timeout(timeout_s),
-                          f"sample({batch_size})", lambda: self._sample_blocked_reason(batch_size))
+            wait_or_raise(
+                self._cond,
+                lambda: self._can_sample(batch_size),
+                self._timeout(timeout_s),
+                f"sample({batch_size})",
+                lambda: self._sample_blocked_reason(batch_size),
+            )
             batch = self._sampler.sample(self._store, batch_size, min_version)
             self._limiter.sampled += batch_size
             self._cond.notify_all()
@@ -192,15 +216,24 @@ class ReplayBuffer:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"size": len(self._store), "capacity": self.config.capacity, "inserted": self._limiter.inserted,
-                    "sampled": self._limiter.sampled, **self._counts,
-                    "skipped_segments": self._log.skipped if self._log is not None else 0}
+            return {
+                "size": len(self._store),
+                "capacity": self.config.capacity,
+                "inserted": self._limiter.inserted,
+                "sampled": self._limiter.sampled,
+                **self._counts,
+                "skipped_segments": self._log.skipped if self._log is not None else 0,
+            }
 
     def state_dict(self) -> dict[str, Any]:
         """What a learner checkpoint saves: the rate-limiter counters and the sampler's RNG."""
         with self._cond:
-            return {"inserted": self._limiter.inserted, "sampled": self._limiter.sampled, **self._counts,
-                    "rng": self._sampler.rng.bit_generator.state}
+            return {
+                "inserted": self._limiter.inserted,
+                "sampled": self._limiter.sampled,
+                **self._counts,
+                "rng": self._sampler.rng.bit_generator.state,
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._cond:
@@ -272,8 +305,10 @@ class ReplayBuffer:
     def _sample_blocked_reason(self, batch_size: int) -> str:
         if not self._limiter.can_sample(len(self._store), batch_size):
             return self._limiter.sample_blocked_reason(len(self._store))
-        return (f"all {len(self._store)} stored trajectories have draft_version < {self._min_version} "
-                "(max_staleness bound); waiting for fresh rollouts")
+        return (
+            f"all {len(self._store)} stored trajectories have draft_version < {self._min_version} "
+            "(max_staleness bound); waiting for fresh rollouts"
+        )
 
     def _min_version_for(self, learner_version: int | None, max_staleness: int | None) -> int | None:
         if max_staleness is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from buffer.store import TrajectoryStore
+from draft_opd.buffer.store import TrajectoryStore
 
 POLICIES = ("uniform", "rejection")
 
@@ -109,13 +109,21 @@ class SampleBatch:
         positions = self.positions[i]
         has_bonus = a < n and self.committed_mask[i, a]
         return SampledItem(
-            traj_id=self.traj_ids[t], draft_version=int(self.draft_version[t]), input_ids=self.input_ids[t],
-            prompt_len=int(self.prompt_len[t]), features=self.features[t], step=int(self.step[i]),
-            anchor=int(self.anchor[i]), accept_len=int(a),
-            draft_tokens=self.draft_tokens[i, :n], draft_logprobs=self.draft_logprobs[i, :n],
-            accepted_positions=positions[:a], accepted_tokens=self.committed_tokens[i, :a],
+            traj_id=self.traj_ids[t],
+            draft_version=int(self.draft_version[t]),
+            input_ids=self.input_ids[t],
+            prompt_len=int(self.prompt_len[t]),
+            features=self.features[t],
+            step=int(self.step[i]),
+            anchor=int(self.anchor[i]),
+            accept_len=int(a),
+            draft_tokens=self.draft_tokens[i, :n],
+            draft_logprobs=self.draft_logprobs[i, :n],
+            accepted_positions=positions[:a],
+            accepted_tokens=self.committed_tokens[i, :a],
             accepted_logprobs=self.committed_logprobs[i, :a],
-            rejected_positions=positions[a:n], rejected_tokens=self.draft_tokens[i, a:n],
+            rejected_positions=positions[a:n],
+            rejected_tokens=self.draft_tokens[i, a:n],
             rejected_logprobs=self.draft_logprobs[i, a:n],
             bonus_position=int(positions[a]) if has_bonus else None,
             bonus_token=int(self.committed_tokens[i, a]) if has_bonus else None,
@@ -160,8 +168,10 @@ def _gather(store: TrajectoryStore, rows: np.ndarray, steps: np.ndarray) -> Samp
     return SampleBatch(
         traj_ids=[s.traj_id for s in stored],
         input_ids=[s.input_ids for s in stored],
-        token_logprobs=[store.tokens.take("logprob", tok0 + np.arange(n)) for tok0, n in
-                        zip(store.rows.take("tok0", unique_rows), store.rows.take("length", unique_rows))],
+        token_logprobs=[
+            store.tokens.take("logprob", tok0 + np.arange(n))
+            for tok0, n in zip(store.rows.take("tok0", unique_rows), store.rows.take("length", unique_rows))
+        ],
         features=[s.features for s in stored],
         prompt_len=store.rows.take("prompt_len", unique_rows),
         draft_version=store.rows.take("version", unique_rows),

@@ -18,24 +18,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA = pa.schema([
-    ("traj_id", pa.string()),
-    ("prompt_id", pa.string()),
-    ("draft_version", pa.int64()),
-    ("actor_id", pa.string()),
-    ("created_at", pa.float64()),
-    ("input_ids", pa.list_(pa.int32())),
-    ("prompt_len", pa.int32()),
-    ("anchors", pa.list_(pa.int32())),
-    ("draft_tokens", pa.list_(pa.list_(pa.int32()))),
-    ("accept_len", pa.list_(pa.int32())),
-    ("committed_logprobs", pa.list_(pa.float32())),
-    ("draft_logprobs", pa.list_(pa.list_(pa.float32()))),
-    ("topk_ids", pa.list_(pa.list_(pa.list_(pa.int32())))),
-    ("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float32())))),
-    ("features", pa.large_binary()),
-    ("feature_dim", pa.int32()),
-])
+SCHEMA = pa.schema(
+    [
+        ("traj_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("draft_version", pa.int64()),
+        ("actor_id", pa.string()),
+        ("created_at", pa.float64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("prompt_len", pa.int32()),
+        ("anchors", pa.list_(pa.int32())),
+        ("draft_tokens", pa.list_(pa.list_(pa.int32()))),
+        ("accept_len", pa.list_(pa.int32())),
+        ("committed_logprobs", pa.list_(pa.float32())),
+        ("draft_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("topk_ids", pa.list_(pa.list_(pa.list_(pa.int32())))),
+        ("topk_logprobs", pa.list_(pa.list_(pa.list_(pa.float32())))),
+        ("features", pa.large_binary()),
+        ("feature_dim", pa.int32()),
+    ]
+)
 
 
 @dataclass(eq=False)  # `features` is an array, so compare fields explicitly
@@ -83,8 +85,9 @@ class Trajectory:
                 else:
                     columns[field.name] = _list_array(value, field.type)
             except (pa.ArrowException, TypeError, ValueError) as e:
-                raise ValueError(f"trajectory {self.traj_id!r}: field '{field.name}' cannot be stored as "
-                                 f"{field.type}: {e}") from e
+                raise ValueError(
+                    f"trajectory {self.traj_id!r}: field '{field.name}' cannot be stored as {field.type}: {e}"
+                ) from e
         columns["features"], columns["feature_dim"] = _features_columns(self.traj_id, self.features)
         return pa.RecordBatch.from_arrays(list(columns.values()), schema=SCHEMA)
 
@@ -177,15 +180,23 @@ class Columns:
         """The columns of rows [lo, hi), still zero-copy."""
         if lo == 0 and hi == len(self.prompt_len):
             return self
-        tokens, committed = self.token_offsets[lo:hi + 1], self.committed_offsets[lo:hi + 1]
-        steps = self.step_offsets[lo:hi + 1]
-        drafts = self.draft_offsets[steps[0]:steps[-1] + 1]
+        tokens, committed = self.token_offsets[lo : hi + 1], self.committed_offsets[lo : hi + 1]
+        steps = self.step_offsets[lo : hi + 1]
+        drafts = self.draft_offsets[steps[0] : steps[-1] + 1]
         return Columns(
-            self.prompt_len[lo:hi], self.draft_version[lo:hi],
-            tokens - tokens[0], self.input_ids[tokens[0]:tokens[-1]],
-            committed - committed[0], self.committed_logprobs[committed[0]:committed[-1]],
-            steps - steps[0], self.anchors[steps[0]:steps[-1]], self.accept_len[steps[0]:steps[-1]],
-            drafts - drafts[0], self.draft_tokens[drafts[0]:drafts[-1]], self.draft_logprobs[drafts[0]:drafts[-1]])
+            self.prompt_len[lo:hi],
+            self.draft_version[lo:hi],
+            tokens - tokens[0],
+            self.input_ids[tokens[0] : tokens[-1]],
+            committed - committed[0],
+            self.committed_logprobs[committed[0] : committed[-1]],
+            steps - steps[0],
+            self.anchors[steps[0] : steps[-1]],
+            self.accept_len[steps[0] : steps[-1]],
+            drafts - drafts[0],
+            self.draft_tokens[drafts[0] : drafts[-1]],
+            self.draft_logprobs[drafts[0] : drafts[-1]],
+        )
 
 
 class _Checker:
@@ -225,10 +236,15 @@ class _Checker:
 def validate(batch: pa.RecordBatch) -> Columns:
     """Raise ValueError naming the first bad field (vectorized over all rows); return the unpacked columns."""
     if not batch.schema.equals(SCHEMA):
-        wrong = [f"'{f.name}' should be {f.type}" for f in SCHEMA
-                 if f.name not in batch.schema.names or batch.schema.field(f.name).type != f.type]
-        raise ValueError(f"record batch schema differs from buffer.SCHEMA ({'; '.join(wrong) or 'field order'}); "
-                         "build rows with Trajectory.to_record_batch()")
+        wrong = [
+            f"'{f.name}' should be {f.type}"
+            for f in SCHEMA
+            if f.name not in batch.schema.names or batch.schema.field(f.name).type != f.type
+        ]
+        raise ValueError(
+            f"record batch schema differs from buffer.SCHEMA ({'; '.join(wrong) or 'field order'}); "
+            "build rows with Trajectory.to_record_batch()"
+        )
     for name in ("traj_id", "prompt_id", "draft_version", "actor_id", "created_at", "prompt_len"):
         if batch.column(name).null_count:
             raise ValueError(f"field '{name}' holds a null (required)")
@@ -243,8 +259,11 @@ def validate(batch: pa.RecordBatch) -> Columns:
     length = diff(tok_off)
     prompt_len = numpy(batch.column("prompt_len")).astype(np.int64)
     check.rows((prompt_len >= 1) & (prompt_len <= length), "prompt_len", "must be in 1..len(input_ids)")
-    check.rows(diff(lp_off) == length - prompt_len, "committed_logprobs",
-               "must hold one log-prob per response token (len(input_ids) - prompt_len)")
+    check.rows(
+        diff(lp_off) == length - prompt_len,
+        "committed_logprobs",
+        "must hold one log-prob per response token (len(input_ids) - prompt_len)",
+    )
     n_steps = diff(step_off)
     for name, offsets in (("accept_len", acc_off), ("draft_tokens", dstep_off), ("draft_logprobs", lstep_off)):
         check.rows(diff(offsets) == n_steps, name, "must have one entry per verify step (len(anchors))")
@@ -254,20 +273,46 @@ def validate(batch: pa.RecordBatch) -> Columns:
     anchors = anchors.astype(np.int64)  # int32 anchors + accept_len could wrap around past the bound below
     step_row = np.repeat(np.arange(batch.num_rows), n_steps)
     row_len = length[step_row]
-    check.steps((anchors >= prompt_len[step_row] - 1) & (anchors + accept < row_len), "anchors",
-                "must lie in [prompt_len-1, len(input_ids)-accept_len-1): the accepted tokens follow the anchor")
-    check.steps(_drafts_agree(tokens, tok_off[step_row] + anchors + 1, row_len - anchors - 1, accept, n_draft,
-                              draft_off, draft_tokens), "draft_tokens",
-                "disagrees with input_ids: accepted proposals must equal input_ids[anchor+1+j] and the first "
-                "rejected one must differ from it (anchors or accept_len off by one?)")
+    check.steps(
+        (anchors >= prompt_len[step_row] - 1) & (anchors + accept < row_len),
+        "anchors",
+        "must lie in [prompt_len-1, len(input_ids)-accept_len-1): the accepted tokens follow the anchor",
+    )
+    check.steps(
+        _drafts_agree(
+            tokens, tok_off[step_row] + anchors + 1, row_len - anchors - 1, accept, n_draft, draft_off, draft_tokens
+        ),
+        "draft_tokens",
+        "disagrees with input_ids: accepted proposals must equal input_ids[anchor+1+j] and the first "
+        "rejected one must differ from it (anchors or accept_len off by one?)",
+    )
     _validate_topk(batch, check, n_steps, n_draft)
     _validate_features(batch, check, length)
-    return Columns(prompt_len, numpy(batch.column("draft_version")), tok_off, tokens, lp_off, committed, step_off,
-                   anchors, accept, draft_off, draft_tokens, draft_logprobs)
+    return Columns(
+        prompt_len,
+        numpy(batch.column("draft_version")),
+        tok_off,
+        tokens,
+        lp_off,
+        committed,
+        step_off,
+        anchors,
+        accept,
+        draft_off,
+        draft_tokens,
+        draft_logprobs,
+    )
 
 
-def _drafts_agree(tokens: np.ndarray, start: np.ndarray, room: np.ndarray, accept: np.ndarray,
-                  n_draft: np.ndarray, draft_off: np.ndarray, draft_tokens: np.ndarray) -> np.ndarray:
+def _drafts_agree(
+    tokens: np.ndarray,
+    start: np.ndarray,
+    room: np.ndarray,
+    accept: np.ndarray,
+    n_draft: np.ndarray,
+    draft_off: np.ndarray,
+    draft_tokens: np.ndarray,
+) -> np.ndarray:
     """Per step: proposal j sits at input_ids position anchor+1+j (flat index start+j, `room` positions
     left in its row). Accepted ones (j < accept_len) must equal the committed token there, and the
     first rejected one (j = accept_len, when inside the row) must differ from it: it is the target's
@@ -307,8 +352,9 @@ def _validate_topk(batch: pa.RecordBatch, check: _Checker, n_steps: np.ndarray, 
         return
     ids, logprobs = batch.column("topk_ids"), batch.column("topk_logprobs")
     outer_off, steps = ragged(ids)
-    check.rows(np.where(present, diff(outer_off), n_steps) == n_steps, "topk_ids",
-               "must have one entry per verify step")
+    check.rows(
+        np.where(present, diff(outer_off), n_steps) == n_steps, "topk_ids", "must have one entry per verify step"
+    )
     has_steps = np.repeat(present, n_steps)
     mid_off, positions = ragged(steps)
     ok = np.ones(len(n_draft), dtype=bool)
@@ -338,5 +384,8 @@ def _validate_features(batch: pa.RecordBatch, check: _Checker, length: np.ndarra
     size = pc.binary_length(blobs).fill_null(0).to_numpy()
     dim = dims.fill_null(0).to_numpy().astype(np.int64)
     check.rows(~present | (dim > 0), "feature_dim", "must be positive")
-    check.rows(~present | (size == length * dim * 2), "features",
-               "must be float16 [len(input_ids), feature_dim] (byte size mismatch)")
+    check.rows(
+        ~present | (size == length * dim * 2),
+        "features",
+        "must be float16 [len(input_ids), feature_dim] (byte size mismatch)",
+    )

@@ -16,12 +16,12 @@ import re
 import warnings
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 
-from buffer.schema import SCHEMA
+from draft_opd.buffer.schema import SCHEMA
 
 _NAME = re.compile(r"seg-(\d{6})\.(arrow|done)")
 
@@ -83,8 +83,11 @@ class SegmentLog:
             return self._skip(marker, "is a completion marker without its segment", f"delete {marker.name}")
         fix = f"delete {data.name} (and {marker.name}) to drop its rows, or restore both from a backup"
         if not marker.exists():
-            return self._skip(data, "has no completion marker: the writer stopped before sealing it (crash or kill)",
-                              f"delete {data.name}; its rows may be incomplete")
+            return self._skip(
+                data,
+                "has no completion marker: the writer stopped before sealing it (crash or kill)",
+                f"delete {data.name}; its rows may be incomplete",
+            )
         try:
             expected = json.loads(marker.read_text())
             rows, size, crc = int(expected["rows"]), int(expected["bytes"]), int(expected["crc32"])
@@ -92,8 +95,9 @@ class SegmentLog:
             return self._skip(marker, f"is unreadable ({e})", fix)
         actual_size = data.stat().st_size
         if actual_size != size:
-            return self._skip(data, f"is truncated or overwritten: {actual_size} bytes on disk, marker says {size}",
-                              fix)
+            return self._skip(
+                data, f"is truncated or overwritten: {actual_size} bytes on disk, marker says {size}", fix
+            )
         with pa.memory_map(str(data)) as source:
             buffer = source.read_buffer()  # zero-copy: the loaded rows keep the mapping alive
         if zlib.crc32(buffer) != crc:

@@ -10,13 +10,13 @@ FIFO eviction only advances a start coordinate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from buffer.schema import Columns, diff, features_view, numpy
+from draft_opd.buffer.schema import Columns, diff, features_view, numpy
 
 
 class FifoTable:
@@ -39,7 +39,7 @@ class FifoTable:
             self._grow(n)
         lo = self.end - self._base
         for name, value in values.items():
-            self._data[name][lo:lo + n] = value
+            self._data[name][lo : lo + n] = value
         first, self.end = self.end, self.end + n
         return first
 
@@ -50,13 +50,13 @@ class FifoTable:
         return self._data[name][coords - self._base]
 
     def live(self, name: str) -> np.ndarray:
-        return self._data[name][self.start - self._base:self.end - self._base]
+        return self._data[name][self.start - self._base : self.end - self._base]
 
     def _grow(self, extra: int) -> None:
         rows = 2 * (self.end - self.start + extra)
         for name, spec in self._specs.items():
             data = _empty(spec, rows)
-            data[:self.end - self.start] = self.live(name)
+            data[: self.end - self.start] = self.live(name)
             self._data[name] = data
         self._base = self.start
 
@@ -84,8 +84,17 @@ class TrajectoryStore:
         self._rows: dict[int, StoredRow] = {}
         self._serial_of: dict[str, int] = {}
         self._weight_total = 0
-        self.rows = FifoTable(step0=np.int64, n_steps=np.int64, tok0=np.int64, length=np.int64, n_draft=np.int64,
-                              prompt_len=np.int64, version=np.int64, weight=np.int64, weight0=np.int64)
+        self.rows = FifoTable(
+            step0=np.int64,
+            n_steps=np.int64,
+            tok0=np.int64,
+            length=np.int64,
+            n_draft=np.int64,
+            prompt_len=np.int64,
+            version=np.int64,
+            weight=np.int64,
+            weight0=np.int64,
+        )
         self.steps = FifoTable(anchor=np.int64, accept=np.int64, n_draft=np.int64, draft0=np.int64, cum_weight=np.int64)
         self.tokens = FifoTable(token=np.int32, logprob=np.float32)
         topk_columns = {"topk_ids": (np.int32, topk), "topk_logprobs": (np.float32, topk)} if topk else {}
@@ -112,11 +121,13 @@ class TrajectoryStore:
         committed = np.full(len(cols.input_ids), np.nan, dtype=np.float32)  # NaN under each prompt
         first_response = cols.token_offsets[:-1] + cols.prompt_len
         if batch.num_rows == 1:
-            committed[first_response[0]:] = cols.committed_logprobs
+            committed[first_response[0] :] = cols.committed_logprobs
         else:  # each row's response is the tail of its tokens, and committed_logprobs lists exactly those
             n_response = diff(cols.committed_offsets)
-            committed[np.repeat(first_response - cols.committed_offsets[:-1], n_response)
-                      + np.arange(len(cols.committed_logprobs))] = cols.committed_logprobs
+            committed[
+                np.repeat(first_response - cols.committed_offsets[:-1], n_response)
+                + np.arange(len(cols.committed_logprobs))
+            ] = cols.committed_logprobs
         n_draft = diff(cols.draft_offsets)
         weight = self.step_weight(cols.accept_len, n_draft)
         cum_weight = np.concatenate([[0], np.cumsum(weight)])
@@ -128,15 +139,24 @@ class TrajectoryStore:
                 drafts[name] = numpy(batch.column(name).flatten().flatten().flatten()).reshape(-1, self.topk)
         draft0 = self.drafts.append(**drafts)
         tok0 = self.tokens.append(token=cols.input_ids, logprob=committed)
-        step0 = self.steps.append(anchor=cols.anchors, accept=cols.accept_len, n_draft=n_draft,
-                                  draft0=draft0 + cols.draft_offsets[:-1],
-                                  cum_weight=self._weight_total + cum_weight[1:])
-        serial0 = self.rows.append(step0=step0 + first, n_steps=last - first, tok0=tok0 + cols.token_offsets[:-1],
-                                   length=diff(cols.token_offsets),
-                                   n_draft=cols.draft_offsets[last] - cols.draft_offsets[first],
-                                   prompt_len=cols.prompt_len, version=cols.draft_version,
-                                   weight=cum_weight[last] - cum_weight[first],
-                                   weight0=self._weight_total + cum_weight[first])
+        step0 = self.steps.append(
+            anchor=cols.anchors,
+            accept=cols.accept_len,
+            n_draft=n_draft,
+            draft0=draft0 + cols.draft_offsets[:-1],
+            cum_weight=self._weight_total + cum_weight[1:],
+        )
+        serial0 = self.rows.append(
+            step0=step0 + first,
+            n_steps=last - first,
+            tok0=tok0 + cols.token_offsets[:-1],
+            length=diff(cols.token_offsets),
+            n_draft=cols.draft_offsets[last] - cols.draft_offsets[first],
+            prompt_len=cols.prompt_len,
+            version=cols.draft_version,
+            weight=cum_weight[last] - cum_weight[first],
+            weight0=self._weight_total + cum_weight[first],
+        )
         self._weight_total += int(cum_weight[-1])
 
         stored = []
@@ -144,8 +164,13 @@ class TrajectoryStore:
         has_features = batch.column("features").null_count < batch.num_rows
         offsets = cols.token_offsets.tolist()
         for i, traj_id in enumerate(batch.column("traj_id").to_pylist()):
-            row = StoredRow(batch if one_row else batch.slice(i, 1), traj_id, cols.input_ids[offsets[i]:offsets[i + 1]],
-                            features_view(batch, i) if has_features else None, segment)
+            row = StoredRow(
+                batch if one_row else batch.slice(i, 1),
+                traj_id,
+                cols.input_ids[offsets[i] : offsets[i + 1]],
+                features_view(batch, i) if has_features else None,
+                segment,
+            )
             stored.append(row)
             self._rows[serial0 + i] = row
             self._serial_of[traj_id] = serial0 + i

@@ -1,1 +1,1 @@
-"""Entry points: the `draft-opd` command and `python -m launch.<job>` for `ray job submit`."""
+"""Entry points: the `draft-opd` command and `python -m draft_opd.launch.<job>` for `ray job submit`."""

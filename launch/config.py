@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from actors.prompts import load_prompts
-from actors.rollout import RolloutConfig
-from benchmarks.datasets import benchmark_names
-from buffer import BufferConfig, ReplayBuffer, holds_sealed_segments
-from learner.engine import LearnerConfig, deepspeed_config
-from learner.objective import ObjectiveConfig
-from speculative.drafter import DraftSpec
-from speculative.target import TargetConfig
+from draft_opd.actors.prompts import load_prompts
+from draft_opd.actors.rollout import RolloutConfig
+from draft_opd.buffer import BufferConfig, ReplayBuffer, holds_sealed_segments
+from draft_opd.learner.engine import LearnerConfig, deepspeed_config
+from draft_opd.learner.objective import ObjectiveConfig
+from draft_opd.prompts.sets import benchmark_names
+from draft_opd.speculative.loading import DraftSpec
+from draft_opd.speculative.target import TargetConfig
 
 
 class ConfigError(ValueError):
@@ -71,9 +72,22 @@ class TrainSection:
     sft_corpus: str | None = None  # a `draft-opd generate` corpus: the SFT phase trains on it offline, no rollouts
 
     def __post_init__(self) -> None:
-        at_least("train", self, sft_steps=0, opd_steps=0, publish_every=1, rollouts_per_call=1, eval_prompts=1,
-                 eval_max_new_tokens=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, wait_retries=0,
-                 max_learner_restarts=0, stage_timeout_s=0)
+        at_least(
+            "train",
+            self,
+            sft_steps=0,
+            opd_steps=0,
+            publish_every=1,
+            rollouts_per_call=1,
+            eval_prompts=1,
+            eval_max_new_tokens=1,
+            eval_every=0,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            wait_retries=0,
+            max_learner_restarts=0,
+            stage_timeout_s=0,
+        )
 
 
 @dataclass
@@ -113,10 +127,12 @@ class Config:
             raise ValueError(f"resume={self.resume!r}: use auto (continue from the latest checkpoint) or never")
         train = self.train
         if train.opd_steps and not train.sft_steps and not self.draft.path and not train.allow_random_init_opd:
-            raise ValueError("train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD from a random "
-                             "draft, whose rollouts accept nothing to learn from: pass draft=PATH (a trained draft, "
-                             "e.g. z-lab/Qwen3-4B-DFlash-b16), set train.sft_steps > 0, or, to run it anyway, "
-                             "train.allow_random_init_opd=true")
+            raise ValueError(
+                "train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD from a random "
+                "draft, whose rollouts accept nothing to learn from: pass draft=PATH (a trained draft, "
+                "e.g. z-lab/Qwen3-4B-DFlash-b16), set train.sft_steps > 0, or, to run it anyway, "
+                "train.allow_random_init_opd=true"
+            )
         if self.learner.lr_schedule == "cosine" and not self.learner.total_steps:
             self.learner.total_steps = train.sft_steps + train.opd_steps  # the decay ends with the run
         if self.learner.lr_schedule == "cosine" and not self.learner.opd_total_steps:
@@ -163,8 +179,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         check_sections(cfg)
     except ConfigKeyError as err:
         key = str(getattr(err, "full_key", "") or "")
-        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key)}; "
-                          "see launch/config.py for the schema") from None
+        raise ConfigError(
+            f"unknown config key {key!r}{_did_you_mean(key)}; see launch/config.py for the schema"
+        ) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "?")
         raise ConfigError(f"bad config value: {str(err).splitlines()[0]} (key {key})") from None
@@ -182,8 +199,19 @@ def check_sections(cfg: Config) -> None:
     The buffer validates its settings when it is built: building an in-memory one here makes a bad
     value fail at load, not later inside the buffer's Ray actor.
     """
-    at_least("rollout", cfg.rollout, num_actors=1, num_prompts=1, max_new_tokens=1, temperature=0, topk_logprobs=0,
-             threads=0, num_cpus=0, num_gpus=0, batch_size=1)
+    at_least(
+        "rollout",
+        cfg.rollout,
+        num_actors=1,
+        num_prompts=1,
+        max_new_tokens=1,
+        temperature=0,
+        topk_logprobs=0,
+        threads=0,
+        num_cpus=0,
+        num_gpus=0,
+        batch_size=1,
+    )
     at_least("learner", cfg.learner, world_size=1, batch_size=1, warmup_steps=0, threads=0, num_cpus=0, num_gpus=0)
     deepspeed_config(cfg.learner)  # zero_stage, dtype
     try:
@@ -224,8 +252,10 @@ def check_rollout_prompts(rollout: RolloutConfig) -> None:
     else:
         raise ConfigError(f"{_unknown_benchmark('rollout.prompts', rollout.prompts)}; or give a .json/.jsonl file")
     if count is not None and count < rollout.num_actors:
-        raise ConfigError(f"rollout.prompts: {count} prompts cannot feed rollout.num_actors={rollout.num_actors} "
-                          "actors; lower rollout.num_actors or add prompts")
+        raise ConfigError(
+            f"rollout.prompts: {count} prompts cannot feed rollout.num_actors={rollout.num_actors} "
+            "actors; lower rollout.num_actors or add prompts"
+        )
 
 
 def check_corpus(train: TrainSection) -> None:
@@ -233,11 +263,14 @@ def check_corpus(train: TrainSection) -> None:
     if train.sft_corpus is None:
         return
     if not holds_sealed_segments(train.sft_corpus):
-        raise ConfigError(f"train.sft_corpus={train.sft_corpus}: no corpus there; write one with "
-                          f"`draft-opd generate CONFIG generate.out={train.sft_corpus}`")
+        raise ConfigError(
+            f"train.sft_corpus={train.sft_corpus}: no corpus there; write one with "
+            f"`draft-opd generate CONFIG generate.out={train.sft_corpus}`"
+        )
     if train.sft_steps < 1:
-        raise ConfigError("train.sft_corpus is set but train.sft_steps=0: give the offline SFT phase steps, "
-                          "or drop train.sft_corpus")
+        raise ConfigError(
+            "train.sft_corpus is set but train.sft_steps=0: give the offline SFT phase steps, or drop train.sft_corpus"
+        )
 
 
 def to_yaml(cfg: Config) -> str:
@@ -245,15 +278,15 @@ def to_yaml(cfg: Config) -> str:
 
 
 def job_main(job: Callable[[Config], Any], name: str, argv: list[str] | None = None) -> None:
-    """`python -m launch.<name> CONFIG [key=value ...]` (what `ray job submit` runs) and `draft-opd <name>`.
+    """`python -m draft_opd.launch.<name> CONFIG [key=value ...]` (what `ray job submit` runs) and `draft-opd <name>`.
 
     Bad input ends the process with one line naming the problem, not a traceback.
     """
-    from speculative.target import TargetNotFoundError
+    from draft_opd.speculative.pretrained import TargetNotFoundError
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        sys.exit(f"usage: python -m launch.{name} CONFIG [key=value ...]")
+        sys.exit(f"usage: python -m draft_opd.launch.{name} CONFIG [key=value ...]")
     try:
         job(load_config(argv[0], argv[1:]))
     except (ConfigError, TargetNotFoundError, FileNotFoundError, ValueError, TimeoutError) as err:

@@ -3,7 +3,7 @@
 `make dashboard` serves the live views (Ray dashboard, Prometheus endpoint, TensorBoard); this
 renders the same scalars to one PNG, for the README and for machines without a browser.
 
-    python -m launch.dashboard RUN_DIR [--out RUN_DIR/dashboard.png]
+    python -m draft_opd.launch.dashboard RUN_DIR [--out RUN_DIR/dashboard.png]
 """
 
 from __future__ import annotations

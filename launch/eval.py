@@ -10,13 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from benchmarks.datasets import Conversation, load_benchmark
-from benchmarks.protocol import BenchmarkSummary, TurnResult, check_first_turns_fit, run_benchmark
-from launch.config import Config, job_main, to_yaml
-from speculative.decode import DecodeConfig, generate
-from speculative.drafter import make_drafter
-from speculative.target import load_target
-from speculative.tau import tau_pooled
+from draft_opd.evaluation.protocol import BenchmarkSummary, TurnResult, check_first_turns_fit, run_benchmark
+from draft_opd.launch.config import Config, job_main, to_yaml
+from draft_opd.prompts.sets import Conversation, load_benchmark
+from draft_opd.speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.target import load_target
+from draft_opd.speculative.tau import tau_pooled
 
 
 def set_threads(n: int) -> None:
@@ -34,13 +34,19 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def summary_table(summaries: list[BenchmarkSummary], title: str) -> Table:
     table = Table(title=title)
-    for col in ("benchmark", "prompts", "tau mean", "tau pooled", "speedup", "tok/s spec", "tok/s plain",
-                "lossless"):
+    for col in ("benchmark", "prompts", "tau mean", "tau pooled", "speedup", "tok/s spec", "tok/s plain", "lossless"):
         table.add_column(col, justify="left" if col == "benchmark" else "right")
     for s in summaries:
-        table.add_row(s.benchmark, str(s.prompts), _fmt(s.tau_mean, ".2f"), _fmt(s.tau_pooled, ".2f"),
-                      _fmt(s.speedup, ".2f") + ("x" if s.speedup else ""), _fmt(s.tokens_per_s_spec, ".1f"),
-                      _fmt(s.tokens_per_s_plain, ".1f"), "-" if s.lossless is None else str(s.lossless).lower())
+        table.add_row(
+            s.benchmark,
+            str(s.prompts),
+            _fmt(s.tau_mean, ".2f"),
+            _fmt(s.tau_pooled, ".2f"),
+            _fmt(s.speedup, ".2f") + ("x" if s.speedup else ""),
+            _fmt(s.tokens_per_s_spec, ".1f"),
+            _fmt(s.tokens_per_s_plain, ".1f"),
+            "-" if s.lossless is None else str(s.lossless).lower(),
+        )
     return table
 
 
@@ -51,8 +57,9 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
     console.print(f"loading target ({cfg.target.testbed or cfg.target.path}) ...")
     target = load_target(cfg.target)
     drafter = make_drafter(cfg.draft, target)
-    decode = DecodeConfig(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                          block_size=None, seed=cfg.draft.seed)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, block_size=None, seed=cfg.draft.seed
+    )
     for convs in sets.values():  # a prompt too long for the context fails now, not after minutes of decoding
         check_first_turns_fit(target, drafter, convs, decode, cfg.target.thinking)
     label = f"{drafter.cfg.kind} block {drafter.cfg.block_size}" if drafter else "plain decoding only"
@@ -62,8 +69,13 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
     summaries: list[BenchmarkSummary] = []
     turns: dict[str, list[TurnResult]] = {}
     total = sum(len(c.turns) for convs in sets.values() for c in convs)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"eval ({label})", total=total, status="")
         for name, convs in sets.items():
@@ -77,19 +89,26 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
 
             summary, turns[name] = run_benchmark(target, drafter, name, convs, decode, cfg.target.thinking, on_turn)
             summaries.append(summary)
-    Console(width=140).print(summary_table(summaries, f"{cfg.name}: {label}, T={cfg.eval.temperature}, "
-                                             f"max_new_tokens={cfg.eval.max_new_tokens}"))
+    Console(width=140).print(
+        summary_table(
+            summaries, f"{cfg.name}: {label}, T={cfg.eval.temperature}, max_new_tokens={cfg.eval.max_new_tokens}"
+        )
+    )
     if cfg.eval.out:
         write_report(Path(cfg.eval.out), cfg, summaries, turns)
         console.print(f"report written to {cfg.eval.out}")
     return summaries
 
 
-def write_report(path: Path, cfg: Config, summaries: list[BenchmarkSummary],
-                 turns: dict[str, list[TurnResult]]) -> None:
+def write_report(
+    path: Path, cfg: Config, summaries: list[BenchmarkSummary], turns: dict[str, list[TurnResult]]
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"config": to_yaml(cfg), "summaries": [s.as_dict() for s in summaries],
-              "turns": {name: [vars(t) for t in ts] for name, ts in turns.items()}}
+    report = {
+        "config": to_yaml(cfg),
+        "summaries": [s.as_dict() for s in summaries],
+        "turns": {name: [vars(t) for t in ts] for name, ts in turns.items()},
+    }
     path.write_text(json.dumps(report, indent=2))
 
 

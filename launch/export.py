@@ -19,9 +19,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from launch.run_dir import RunDir
-from speculative.drafter import DrafterConfig, read_native_config
-from speculative.formats import FORMATS, serving_blockers, to_format
+from draft_opd.launch.run_dir import RunDir
+from draft_opd.speculative.drafter import DrafterConfig, read_native_config
+from draft_opd.speculative.formats import FORMATS, serving_blockers, to_format
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "draft/config.json", "draft/model.safetensors")
 OWNED = ("config.json", "model.safetensors", "training_config.yaml", "README.md", *FORMATS)  # what --force replaces
@@ -55,12 +55,18 @@ def read_run(run_dir: Path) -> Run:
         raise FileNotFoundError(f"no run directory at {run_dir}; pass runs/<name>, written by `draft-opd train`")
     missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"not a finished run directory: no {', '.join(missing)} in {run_dir}; pass runs/<name> "
-                                "of a run that finished (`draft-opd train` writes draft/ and summary.json at the end)")
+        raise FileNotFoundError(
+            f"not a finished run directory: no {', '.join(missing)} in {run_dir}; pass runs/<name> "
+            "of a run that finished (`draft-opd train` writes draft/ and summary.json at the end)"
+        )
     run = RunDir(run_dir)
-    return Run(dir=run_dir, draft=read_native_config(json.loads((run.draft_dir / "config.json").read_text())),
-               config=OmegaConf.to_container(OmegaConf.load(run.config_file)), summary=run.summary(),
-               metrics=run.records())
+    return Run(
+        dir=run_dir,
+        draft=read_native_config(json.loads((run.draft_dir / "config.json").read_text())),
+        config=OmegaConf.to_container(OmegaConf.load(run.config_file)),
+        summary=run.summary(),
+        metrics=run.records(),
+    )
 
 
 def prepare_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
@@ -71,8 +77,9 @@ def prepare_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
         raise FileExistsError(f"{out_dir} is a file; pass a directory to export into")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
-            raise FileExistsError(f"{out_dir} is not empty; pass --force to overwrite an earlier export there, "
-                                  "or choose a new directory")
+            raise FileExistsError(
+                f"{out_dir} is not empty; pass --force to overwrite an earlier export there, or choose a new directory"
+            )
         for name in OWNED:
             path = out_dir / name
             if path.is_dir():
@@ -100,7 +107,7 @@ def target_shape(target: dict) -> tuple[int, int]:
     """(decoder layers, context length) of the run's target, from its config alone (no weights)."""
     from transformers import AutoConfig
 
-    from speculative.testbeds import smol_dir, tiny_config
+    from draft_opd.speculative.testbeds import smol_dir, tiny_config
 
     if target.get("testbed") == "tiny":
         config = tiny_config()
@@ -112,10 +119,11 @@ def target_shape(target: dict) -> tuple[int, int]:
         try:
             config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
         except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"cannot read the target's config at {source} ({err.__class__.__name__}); the "
-                                    "serving formats record its depth and context length. Make the target available "
-                                    "(`make smol`, or target.path in the run's config.yaml), or pass --formats none"
-                                    ) from None
+            raise FileNotFoundError(
+                f"cannot read the target's config at {source} ({err.__class__.__name__}); the "
+                "serving formats record its depth and context length. Make the target available "
+                "(`make smol`, or target.path in the run's config.yaml), or pass --formats none"
+            ) from None
     return int(config.num_hidden_layers), int(getattr(config, "max_position_embeddings", 32768))
 
 
@@ -161,15 +169,28 @@ def target_label(target: dict) -> str:
 
 
 def architecture_table(draft: DrafterConfig, params: int) -> str:
-    rows = [("kind", draft.kind), ("block size", f"{draft.block_size} (the anchor + {draft.block_size - 1} proposals)"),
-            ("draft layers", draft.num_layers), ("target feature layers", draft.target_layer_ids),
-            ("hidden / intermediate", f"{draft.hidden_size} / {draft.intermediate_size}"),
-            ("heads / kv heads / head dim", f"{draft.num_heads} / {draft.num_kv_heads} / {draft.head_dim}"),
-            ("vocabulary", draft.vocab_size if draft.draft_vocab_size is None
-             else f"{draft.draft_vocab_size} draft tokens of {draft.vocab_size}"),
-            ("rope theta / rms eps", f"{draft.rope_theta:g} / {draft.rms_norm_eps:g}"),
-            ("trained parameters", (f"{params:,} (embedding{'' if draft.kind == 'eagle3' else ' and LM head'} "
-                                   "shared with the target, not stored)"))]
+    rows = [
+        ("kind", draft.kind),
+        ("block size", f"{draft.block_size} (the anchor + {draft.block_size - 1} proposals)"),
+        ("draft layers", draft.num_layers),
+        ("target feature layers", draft.target_layer_ids),
+        ("hidden / intermediate", f"{draft.hidden_size} / {draft.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{draft.num_heads} / {draft.num_kv_heads} / {draft.head_dim}"),
+        (
+            "vocabulary",
+            draft.vocab_size
+            if draft.draft_vocab_size is None
+            else f"{draft.draft_vocab_size} draft tokens of {draft.vocab_size}",
+        ),
+        ("rope theta / rms eps", f"{draft.rope_theta:g} / {draft.rms_norm_eps:g}"),
+        (
+            "trained parameters",
+            (
+                f"{params:,} (embedding{'' if draft.kind == 'eagle3' else ' and LM head'} "
+                "shared with the target, not stored)"
+            ),
+        ),
+    ]
     if draft.mask_token_id is not None:
         rows.insert(4, ("mask token id", draft.mask_token_id))
     return "| field | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
@@ -182,22 +203,32 @@ def training_section(run: Run) -> str:
         if record.get("phase") in ("sft", "opd") and "loss" in record:
             done[record["phase"]] = done.get(record["phase"], 0) + 1
     wall = run.summary.get("wall_s")
-    sft = (f"random anchors in the target's own text, position weights exp(-(k-1)/{objective.get('sft_gamma')})"
-           if run.draft.kind == "dflash" else
-           f"training-time test from random anchors, step weights {objective.get('eagle_decay')}^i")
+    sft = (
+        f"random anchors in the target's own text, position weights exp(-(k-1)/{objective.get('sft_gamma')})"
+        if run.draft.kind == "dflash"
+        else f"training-time test from random anchors, step weights {objective.get('eagle_decay')}^i"
+    )
     lines = [
         f"- Phases: SFT warm-up for {train.get('sft_steps')} learner steps ({sft}), then Draft-OPD for "
         f"{train.get('opd_steps')} steps (error-position replay of the draft's own rollouts, variant "
-        f"`{objective.get('opd_variant')}`, response KL `{objective.get('response_kl', 'bernoulli')}`, rejected-stream decay "
+        f"`{objective.get('opd_variant')}`, response KL `{objective.get('response_kl', 'bernoulli')}`, "
+        f"rejected-stream decay "
         f"{objective.get('opd_decay')}). Steps logged: "
-        + (", ".join(f"{k} {v}" for k, v in done.items()) or "none") + f"; total {run.summary.get('steps')}"
-        + (f", {wall / 60:.1f} min wall" if wall else "") + ".",
-        (f"- Learner: lr {learner.get('lr')}, batch {learner.get('batch_size')}, warm-up {learner.get('warmup_steps')} "
-        f"steps, grad clip {learner.get('grad_clip')}, DeepSpeed ZeRO-{learner.get('zero_stage')} "
-        f"x{learner.get('world_size')} in {learner.get('dtype')}."),
-        (f"- Rollouts: {rollout.get('num_actors')} actors on `{rollout.get('prompts')}` prompts, up to "
-        f"{rollout.get('max_new_tokens')} new tokens, T = {rollout.get('temperature')}, target in "
-        f"{rollout.get('target_dtype') or _section(run.config, 'target').get('dtype')}."),
+        + (", ".join(f"{k} {v}" for k, v in done.items()) or "none")
+        + f"; total {run.summary.get('steps')}"
+        + (f", {wall / 60:.1f} min wall" if wall else "")
+        + ".",
+        (
+            f"- Learner: lr {learner.get('lr')}, batch {learner.get('batch_size')}, "
+            f"warm-up {learner.get('warmup_steps')} "
+            f"steps, grad clip {learner.get('grad_clip')}, DeepSpeed ZeRO-{learner.get('zero_stage')} "
+            f"x{learner.get('world_size')} in {learner.get('dtype')}."
+        ),
+        (
+            f"- Rollouts: {rollout.get('num_actors')} actors on `{rollout.get('prompts')}` prompts, up to "
+            f"{rollout.get('max_new_tokens')} new tokens, T = {rollout.get('temperature')}, target in "
+            f"{rollout.get('target_dtype') or _section(run.config, 'target').get('dtype')}."
+        ),
         "- The full configuration is `training_config.yaml`.",
     ]
     return "\n".join(lines)
@@ -206,41 +237,60 @@ def training_section(run: Run) -> str:
 def tau_section(run: Run) -> str:
     train = _section(run.config, "train")
     evals = [r for r in run.metrics if "eval_tau" in r]
-    rows = "".join(f"| {r.get('step')} | {r.get('phase')} | {_fmt(r['eval_tau'])} | {r.get('draft_version')} |\n"
-                   for r in evals)
-    return (f"Held-out tau before training **{_fmt(run.summary.get('tau_before'))}**, after "
-            f"**{_fmt(run.summary.get('tau_after'))}** (`summary.json`): {train.get('eval_benchmark')}, "
-            f"{train.get('eval_prompts')} prompts, {train.get('eval_max_new_tokens')} new tokens, T = 0, measured by "
-            "the run's evaluating rollout actor. tau = accepted draft tokens + 1 per verify step, averaged per prompt "
-            "and then over prompts (the DFlash convention).\n\n"
-            "| step | phase | eval tau | draft version |\n|---|---|---|---|\n" + rows)
+    rows = "".join(
+        f"| {r.get('step')} | {r.get('phase')} | {_fmt(r['eval_tau'])} | {r.get('draft_version')} |\n" for r in evals
+    )
+    return (
+        f"Held-out tau before training **{_fmt(run.summary.get('tau_before'))}**, after "
+        f"**{_fmt(run.summary.get('tau_after'))}** (`summary.json`): {train.get('eval_benchmark')}, "
+        f"{train.get('eval_prompts')} prompts, {train.get('eval_max_new_tokens')} new tokens, T = 0, measured by "
+        "the run's evaluating rollout actor. tau = accepted draft tokens + 1 per verify step, averaged per prompt "
+        "and then over prompts (the DFlash convention).\n\n"
+        "| step | phase | eval tau | draft version |\n|---|---|---|---|\n" + rows
+    )
 
 
 def serving_section(run: Run, result: Exported) -> str:
     draft, b = run.draft, run.draft.block_size
     if not result.formats:
         reason = result.not_written.get(draft.kind, "")
-        return (f"The {draft.kind} serving format was **not written**: {reason}. What the format would hold is in the "
-                "mapping below; `speculative/formats.py` checks exactness.\n\n" + MAPPING)
+        return (
+            f"The {draft.kind} serving format was **not written**: {reason}. What the format would hold is in the "
+            "mapping below; `speculative/formats.py` checks exactness.\n\n" + MAPPING
+        )
     path = result.out_dir / draft.kind
     if draft.kind == "dflash":
-        sglang = (f"python -m sglang.launch_server --model-path TARGET --speculative-algorithm DFLASH \\\n"
-                  f"    --speculative-draft-model-path {path} --speculative-num-draft-tokens {b}")
-        vllm = (f"vllm serve TARGET --speculative-config "
-                f"'{{\"method\": \"dflash\", \"model\": \"{path}\", \"num_speculative_tokens\": {b - 1}}}'")
-        what = ("`dflash/` is z-lab's `DFlashDraftModel` checkpoint (Qwen3 layers, `dflash_config`); SGLang and vLLM "
-                "take the embedding and LM head from the target. vLLM needs an attention backend that supports "
-                "non-causal drafting (z-lab's README passes `--attention-backend flash_attn`).")
+        sglang = (
+            f"python -m sglang.launch_server --model-path TARGET --speculative-algorithm DFLASH \\\n"
+            f"    --speculative-draft-model-path {path} --speculative-num-draft-tokens {b}"
+        )
+        vllm = (
+            f"vllm serve TARGET --speculative-config "
+            f'\'{{"method": "dflash", "model": "{path}", "num_speculative_tokens": {b - 1}}}\''
+        )
+        what = (
+            "`dflash/` is z-lab's `DFlashDraftModel` checkpoint (Qwen3 layers, `dflash_config`); SGLang and vLLM "
+            "take the embedding and LM head from the target. vLLM needs an attention backend that supports "
+            "non-causal drafting (z-lab's README passes `--attention-backend flash_attn`)."
+        )
     else:
-        sglang = (f"python -m sglang.launch_server --model-path TARGET --speculative-algorithm EAGLE3 \\\n"
-                  f"    --speculative-draft-model-path {path} --speculative-num-steps {b - 1} "
-                  f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {b}")
-        vllm = (f"vllm serve TARGET --speculative-config "
-                f"'{{\"method\": \"eagle3\", \"model\": \"{path}\", \"num_speculative_tokens\": {b - 1}}}'")
-        what = ("`eagle3/` is a `LlamaForCausalLMEagle3` checkpoint (SpecForge's layout); SGLang and vLLM take the "
-                "embedding from the target. `--speculative-eagle-topk 1` drafts a chain, as this draft was trained.")
-    return (f"{what} TARGET is the run's target, {target_label(_section(run.config, 'target'))}.\n\n"
-            f"SGLang:\n\n```bash\n{sglang}\n```\n\nvLLM:\n\n```bash\n{vllm}\n```\n\n" + MAPPING)
+        sglang = (
+            f"python -m sglang.launch_server --model-path TARGET --speculative-algorithm EAGLE3 \\\n"
+            f"    --speculative-draft-model-path {path} --speculative-num-steps {b - 1} "
+            f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {b}"
+        )
+        vllm = (
+            f"vllm serve TARGET --speculative-config "
+            f'\'{{"method": "eagle3", "model": "{path}", "num_speculative_tokens": {b - 1}}}\''
+        )
+        what = (
+            "`eagle3/` is a `LlamaForCausalLMEagle3` checkpoint (SpecForge's layout); SGLang and vLLM take the "
+            "embedding from the target. `--speculative-eagle-topk 1` drafts a chain, as this draft was trained."
+        )
+    return (
+        f"{what} TARGET is the run's target, {target_label(_section(run.config, 'target'))}.\n\n"
+        f"SGLang:\n\n```bash\n{sglang}\n```\n\nvLLM:\n\n```bash\n{vllm}\n```\n\n" + MAPPING
+    )
 
 
 MAPPING = """| ours (`config.json`, `model.safetensors`) | DFlash (`dflash/`) | EAGLE-3 (`eagle3/`) |
@@ -253,17 +303,20 @@ MAPPING = """| ours (`config.json`, `model.safetensors`) | DFlash (`dflash/`) | 
 | embedding: the target's | the target's | the target's |
 
 Exact only with strictly ascending feature layers (servers capture in depth order) and, for EAGLE-3, exactly
-three of them (both servers build `fc` over 3 x hidden). RoPE is plain (no scaling), as in our drafters."""
+three of them (both servers build `fc` over 3 x hidden). RoPE is plain (no scaling), as in our drafters."""  # noqa: E501 (a markdown table)
 
 
 def model_card(run: Run, result: Exported) -> str:
     draft, out = run.draft, result.out_dir
     target = _section(run.config, "target")
     train = _section(run.config, "train")
-    params = sum(t.numel() for name, t in load_file(str(run.dir / "draft" / "model.safetensors")).items()
-                 if name != "d2t")
-    evaluate = (f"draft-opd eval {out}/training_config.yaml draft={out} eval.benchmarks=[{train.get('eval_benchmark')}] "
-                f"eval.num_prompts={train.get('eval_prompts')} eval.max_new_tokens={train.get('eval_max_new_tokens')}")
+    params = sum(
+        t.numel() for name, t in load_file(str(run.dir / "draft" / "model.safetensors")).items() if name != "d2t"
+    )
+    evaluate = (
+        f"draft-opd eval {out}/training_config.yaml draft={out} eval.benchmarks=[{train.get('eval_benchmark')}] "
+        f"eval.num_prompts={train.get('eval_prompts')} eval.max_new_tokens={train.get('eval_max_new_tokens')}"
+    )
     return f"""# {run.name}: a {draft.kind} draft for {target_label(target)}
 
 A speculative-decoding draft model trained with Draft-OPD (on-policy, with an SFT warm-up) by this
@@ -297,14 +350,33 @@ run's draft on the same prompts.
 
 - `config.json`, `model.safetensors`: the draft in this repository's format.
 - `training_config.yaml`: the run's configuration.
-""" + "".join(f"- `{fmt}/`: the {fmt} serving checkpoint (`config.json`, `model.safetensors`).\n" for fmt in result.formats)
+""" + "".join(
+        f"- `{fmt}/`: the {fmt} serving checkpoint (`config.json`, `model.safetensors`).\n" for fmt in result.formats
+    )
+
+
+EXPORT_HELP = "a trained draft as a self-contained directory, with its serving format"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of an export, for `draft-opd export` and `python -m draft_opd.launch.export` alike."""
+    parser.add_argument("run_dir", help="a finished run directory, runs/<name>")
+    parser.add_argument("out_dir", help="where to write: a new or empty directory, or an earlier export with --force")
+    parser.add_argument("--force", action="store_true", help="overwrite an earlier export in OUT_DIR")
+    parser.add_argument(
+        "--formats",
+        default="auto",
+        choices=("auto", "none", "dflash", "eagle3"),
+        help="serving format to write: auto (the draft's own, where the mapping is exact), none, "
+        "or dflash/eagle3 (an error where it is not exact)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m launch.export RUN_DIR OUT_DIR [--force] [--formats F]`, the same as `draft-opd export`."""
-    from launch.cli import main as cli_main
-
-    cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
+    """`python -m draft_opd.launch.export RUN_DIR OUT_DIR [--force] [--formats F]`, the same as `draft-opd export`."""
+    parser = argparse.ArgumentParser(prog="python -m draft_opd.launch.export", description=EXPORT_HELP)
+    add_arguments(parser)
+    cli(parser.parse_args(argv))
 
 
 def cli(args: argparse.Namespace) -> Exported:

@@ -30,17 +30,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from actors.prompts import load_prompts
-from actors.rollout import Request, decode_requests, fits_context, to_trajectory
-from benchmarks.datasets import Conversation
-from buffer import BufferConfig, ReplayBuffer, foreign_files
-from launch.config import Config, job_main
-from launch.eval import set_threads
-from launch.progress import StepProgress
-from launch.train import CORPUS_CAPACITY
-from speculative.decode import DecodeConfig
-from speculative.drafter import make_drafter
-from speculative.target import Target, load_target
+from draft_opd.actors.prompts import load_prompts
+from draft_opd.actors.rollout import Request, decode_requests, fits_context, to_trajectory
+from draft_opd.buffer import BufferConfig, ReplayBuffer, foreign_files
+from draft_opd.launch.config import Config, job_main
+from draft_opd.launch.eval import set_threads
+from draft_opd.launch.progress import StepProgress
+from draft_opd.launch.train import CORPUS_CAPACITY
+from draft_opd.prompts.sets import Conversation
+from draft_opd.speculative.decode import DecodeConfig
+from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.target import Target, load_target
 
 ACTOR_ID = "generate"
 
@@ -59,14 +59,19 @@ class Plan:
 def plan_of(cfg: Config) -> Plan:
     gen = cfg.generate
     if not gen.out:
-        raise ValueError("generate.out is not set: pass generate.out=DIR, a new directory for the corpus "
-                         "(or one that an earlier `draft-opd generate` wrote, to complete it)")
+        raise ValueError(
+            "generate.out is not set: pass generate.out=DIR, a new directory for the corpus "
+            "(or one that an earlier `draft-opd generate` wrote, to complete it)"
+        )
     if gen.prompts:
         prompts, num_prompts = gen.prompts, gen.num_prompts
     else:  # the rollouts' prompt stream
         prompts, num_prompts = cfg.rollout.prompts, gen.num_prompts or cfg.rollout.num_prompts
-    decode = DecodeConfig(max_new_tokens=gen.max_new_tokens or cfg.rollout.max_new_tokens,
-                          temperature=gen.temperature, keep_features=gen.store_features)
+    decode = DecodeConfig(
+        max_new_tokens=gen.max_new_tokens or cfg.rollout.max_new_tokens,
+        temperature=gen.temperature,
+        keep_features=gen.store_features,
+    )
     return Plan(Path(gen.out), prompts, num_prompts, gen.batch_size, decode)
 
 
@@ -77,38 +82,49 @@ def check_out(out: Path) -> None:
     foreign = foreign_files(out)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise ValueError(f"generate.out={out} holds {foreign[0]!r}{more}, so it is not a corpus: pass a new or "
-                         "empty directory, or one that `draft-opd generate` wrote")
+        raise ValueError(
+            f"generate.out={out} holds {foreign[0]!r}{more}, so it is not a corpus: pass a new or "
+            "empty directory, or one that `draft-opd generate` wrote"
+        )
 
 
 def open_corpus(out: Path) -> ReplayBuffer:
     """The corpus as a buffer that never evicts nor rate-limits; refused if it holds rows of another writer
     (a training run's replay buffer, whose rollouts come from drafts and another target dtype)."""
-    corpus = ReplayBuffer(BufferConfig(dir=str(out), capacity=CORPUS_CAPACITY, samples_per_insert=None,
-                                       timeout_s=None))
+    corpus = ReplayBuffer(BufferConfig(dir=str(out), capacity=CORPUS_CAPACITY, samples_per_insert=None, timeout_s=None))
     other = next((t for t in corpus.traj_ids() if corpus.get(t).actor_id != ACTOR_ID), None)
     if other is not None:
-        raise ValueError(f"generate.out={out} holds trajectory {other!r} written by "
-                         f"{corpus.get(other).actor_id!r}, not by generate (a run's replay buffer?): pass another "
-                         "directory")
+        raise ValueError(
+            f"generate.out={out} holds trajectory {other!r} written by "
+            f"{corpus.get(other).actor_id!r}, not by generate (a run's replay buffer?): pass another "
+            "directory"
+        )
     return corpus
 
 
-def pending(target: Target, convs: list[Conversation], thinking: bool, plan: Plan, present: set[str]
-            ) -> tuple[list[Request], int]:
+def pending(
+    target: Target, convs: list[Conversation], thinking: bool, plan: Plan, present: set[str]
+) -> tuple[list[Request], int]:
     """(the prompts still to decode, how many prompts the corpus will hold): prompts too long for the context
     are skipped with a warning; none fitting is an error."""
     requests = [Request.of(target.tokenizer, 0, conv, thinking) for conv in convs]
-    fitting = [r for r in requests
-               if fits_context(target, r, plan.decode.max_new_tokens, 1, ACTOR_ID, "generate.max_new_tokens")]
+    fitting = [
+        r
+        for r in requests
+        if fits_context(target, r, plan.decode.max_new_tokens, 1, ACTOR_ID, "generate.max_new_tokens")
+    ]
     if not fitting:
-        raise ValueError(f"none of the {len(requests)} prompts of generate.prompts={plan.prompts} fits the target's "
-                         f"context with generate.max_new_tokens={plan.decode.max_new_tokens}; lower "
-                         "generate.max_new_tokens or use shorter prompts")
+        raise ValueError(
+            f"none of the {len(requests)} prompts of generate.prompts={plan.prompts} fits the target's "
+            f"context with generate.max_new_tokens={plan.decode.max_new_tokens}; lower "
+            "generate.max_new_tokens or use shorter prompts"
+        )
     todo = [r for r in fitting if r.traj_id not in present]
     if len(present) + len(todo) > CORPUS_CAPACITY:  # the learner would evict (and delete) the oldest rows
-        raise ValueError(f"{len(present) + len(todo)} trajectories exceed the corpus capacity of {CORPUS_CAPACITY}; "
-                         "lower generate.num_prompts and write the rest to another corpus")
+        raise ValueError(
+            f"{len(present) + len(todo)} trajectories exceed the corpus capacity of {CORPUS_CAPACITY}; "
+            "lower generate.num_prompts and write the rest to another corpus"
+        )
     return todo, len(fitting)
 
 
@@ -132,8 +148,10 @@ def generate_corpus(cfg: Config, console: Console | None = None) -> dict[str, ob
     with open_corpus(plan.out) as corpus:
         todo, total = pending(target, convs, cfg.target.thinking, plan, set(corpus.traj_ids()))
         done, tokens, start = total - len(todo), 0, time.perf_counter()
-        console.print(f"corpus {plan.out}: {done} of {total} prompts present, generating {len(todo)} "
-                      f"(batch {plan.batch_size}, max_new_tokens {plan.decode.max_new_tokens})")
+        console.print(
+            f"corpus {plan.out}: {done} of {total} prompts present, generating {len(todo)} "
+            f"(batch {plan.batch_size}, max_new_tokens {plan.decode.max_new_tokens})"
+        )
         with StepProgress(console, total, done, label="generate", unit="prompt") as progress:
             progress.update(done)
             decoded = decode_requests(target, None, plan.decode, plan.batch_size, todo)
@@ -146,10 +164,18 @@ def generate_corpus(cfg: Config, console: Console | None = None) -> dict[str, ob
                 progress.update(done + count, status=f"{rate:.1f} tok/s")
         size = len(corpus)
     elapsed = time.perf_counter() - start
-    summary = {"corpus": str(plan.out), "trajectories": size, "generated": len(todo), "new_tokens": tokens,
-               "tokens_per_s": tokens / elapsed if todo else 0.0, "wall_s": elapsed}
-    console.print(f"corpus {plan.out}: {size} trajectories ({len(todo)} generated now, {tokens} tokens, "
-                  f"{summary['tokens_per_s']:.1f} tokens/s)")
+    summary = {
+        "corpus": str(plan.out),
+        "trajectories": size,
+        "generated": len(todo),
+        "new_tokens": tokens,
+        "tokens_per_s": tokens / elapsed if todo else 0.0,
+        "wall_s": elapsed,
+    }
+    console.print(
+        f"corpus {plan.out}: {size} trajectories ({len(todo)} generated now, {tokens} tokens, "
+        f"{summary['tokens_per_s']:.1f} tokens/s)"
+    )
     return summary
 
 

@@ -9,17 +9,17 @@ without the lost rank). Each rank gets `LOCAL_RANK=0`, since Ray shows it only i
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rich.console import Console
 
-from buffer import RateLimitTimeout
-from launch.config import Config, one_line
-from launch.progress import StageTimeout, wait_all
-from learner.engine import LearnerActor, rendezvous
+from draft_opd.buffer import RateLimitTimeout
+from draft_opd.launch.config import Config, one_line
+from draft_opd.launch.progress import StageTimeout, wait_all
+from draft_opd.learner.engine import LearnerActor, rendezvous
 
 
 class LearnerFault(RuntimeError):
@@ -43,8 +43,12 @@ class LearnerGroup:
             raise ValueError(f"learner.world_size must be >= 1 (got {learner.world_size})")
         bundle = {"CPU": learner.num_cpus, **({"GPU": learner.num_gpus} if learner.num_gpus else {})}
         self.group = placement_group([bundle] * learner.world_size, strategy="PACK")
-        wait_all([self.group.ready()], f"placing {learner.world_size} learner rank(s) ({bundle} each)",
-                 cfg.train.stage_timeout_s, "train.stage_timeout_s")
+        wait_all(
+            [self.group.ready()],
+            f"placing {learner.world_size} learner rank(s) ({bundle} each)",
+            cfg.train.stage_timeout_s,
+            "train.stage_timeout_s",
+        )
         self.restarts = 0
         self.offline = False  # sampling from an offline corpus instead of `buffer`
         self.ranks = self.start_ranks()
@@ -56,15 +60,20 @@ class LearnerGroup:
         """New ranks joined in one process group at a rendezvous chosen on rank 0's node."""
         cfg = self.cfg
         probe = rendezvous.options(scheduling_strategy=self.in_bundle(0)).remote()
-        address, port, self.rendezvous_node = wait_all([probe], "choosing the learners' rendezvous on rank 0's node",
-                                                       cfg.train.stage_timeout_s, "train.stage_timeout_s")[0]
-        return [LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus,
-                                     scheduling_strategy=self.in_bundle(rank))
-                .remote(cfg.target, cfg.draft, cfg.learner, cfg.objective, rank, address, port, self.buffer)
-                for rank in range(cfg.learner.world_size)]
+        address, port, self.rendezvous_node = wait_all(
+            [probe],
+            "choosing the learners' rendezvous on rank 0's node",
+            cfg.train.stage_timeout_s,
+            "train.stage_timeout_s",
+        )[0]
+        return [
+            LearnerActor.options(
+                num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, scheduling_strategy=self.in_bundle(rank)
+            ).remote(cfg.target, cfg.draft, cfg.learner, cfg.objective, rank, address, port, self.buffer)
+            for rank in range(cfg.learner.world_size)
+        ]
 
-    def call(self, method: str, *args, what: str,
-             while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
+    def call(self, method: str, *args, what: str, while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
         """Every rank's result of `method(*args)`; a wait past learner.timeout_s is reported and retried,
         then a LearnerFault. A learner starved of samples stops the job instead (StageTimeout)."""
         refs = [getattr(rank, method).remote(*args) for rank in self.ranks]
@@ -74,8 +83,10 @@ class LearnerGroup:
                 return wait_all(refs, what, timeout_s, "learner.timeout_s", while_waiting)
             except StageTimeout:
                 if attempt < retries:
-                    self.console.print(f"[yellow]{what} not done after learner.timeout_s={timeout_s:g} s; "
-                                       f"waiting again ({attempt + 1}/{retries})")
+                    self.console.print(
+                        f"[yellow]{what} not done after learner.timeout_s={timeout_s:g} s; "
+                        f"waiting again ({attempt + 1}/{retries})"
+                    )
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                 if starved(err):
                     raise StageTimeout(f"{what}: no samples from the replay buffer ({one_line(err)})") from err

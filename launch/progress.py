@@ -9,7 +9,7 @@ which gives up at a deadline with a `StageTimeout` naming what it waited for.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from rich.console import Console
@@ -20,14 +20,17 @@ class StageTimeout(TimeoutError):
     """A stage of a job waited past its deadline; the job stops with this message instead of hanging."""
 
 
-def wait_all(refs: list, what: str, timeout_s: float, key: str,
-             while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
+def wait_all(
+    refs: list, what: str, timeout_s: float, key: str, while_waiting: Callable[[], None] = lambda: time.sleep(0.2)
+) -> list:
     """All results of `refs`, calling `while_waiting` meanwhile; `key` is the setting that sets the deadline."""
     deadline = time.monotonic() + timeout_s
     while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
         if time.monotonic() > deadline:
-            raise StageTimeout(f"{what}: not done after {key}={timeout_s:g} s; check the actors' logs "
-                               f"(`ray logs` or /tmp/ray/session_latest/logs), or raise {key}")
+            raise StageTimeout(
+                f"{what}: not done after {key}={timeout_s:g} s; check the actors' logs "
+                f"(`ray logs` or /tmp/ray/session_latest/logs), or raise {key}"
+            )
         while_waiting()
     return ray.get(refs)
 
@@ -42,16 +45,24 @@ class StepProgress:
     """Steps of one invocation (learner steps; prompts for `generate`): a live bar on a terminal, plain
     periodic lines elsewhere."""
 
-    def __init__(self, console: Console, total: int, done: int, every_s: float = 30.0, label: str = "train",
-                 unit: str = "step"):
+    def __init__(
+        self, console: Console, total: int, done: int, every_s: float = 30.0, label: str = "train", unit: str = "step"
+    ):
         self.console, self.total, self.every_s, self.label, self.unit = console, total, every_s, label, unit
         self.origin: tuple[int, float] | None = None  # the first update: start-up is not a step's cost
         self.last_line, self.last_phase = 0.0, None
         self.bar: Progress | None = None
         if console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                TextColumn("{task.fields[status]}"), console=console)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=console,
+            )
             self.task = self.bar.add_task(label, total=total, completed=done, status="")
 
     def __enter__(self) -> StepProgress:
@@ -65,8 +76,12 @@ class StepProgress:
 
     def update(self, step: int, phase: str | None = None, status: str = "") -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, status=status,
-                            **({"description": f"{self.label} [{phase}]"} if phase else {}))
+            self.bar.update(
+                self.task,
+                completed=step,
+                status=status,
+                **({"description": f"{self.label} [{phase}]"} if phase else {}),
+            )
             return
         now = time.monotonic()
         self.origin = self.origin or (step, now)
@@ -74,8 +89,12 @@ class StepProgress:
             return
         self.last_line, self.last_phase = now, phase
         where = f" [{phase}]" if phase else ""
-        self.console.print(f"{self.unit} {step}/{self.total}{where} {status}  {self.remaining(step, now)}",
-                           markup=False, highlight=False, soft_wrap=True)
+        self.console.print(
+            f"{self.unit} {step}/{self.total}{where} {status}  {self.remaining(step, now)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def remaining(self, step: int, now: float) -> str:
         first_step, first_time = self.origin or (step, now)

@@ -12,20 +12,21 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from actors.rollout import start_rollout_actors
-from launch.config import Config
+from draft_opd.actors.rollout import start_rollout_actors
+from draft_opd.launch.config import Config
 
 Fault = Callable[..., None]  # fault(kind, **details): how the job records a fault
 
 
 class RolloutFleet:
-    def __init__(self, cfg: Config, buffer, positions: list[int] | None, version: int, on_fault: Fault,
-                 rolling: bool = True):
+    def __init__(
+        self, cfg: Config, buffer, positions: list[int] | None, version: int, on_fault: Fault, rolling: bool = True
+    ):
         """`rolling=False`: the actors only evaluate (offline SFT) until `start_rolling`."""
         self.cfg, self.buffer, self.on_fault, self.rolling = cfg, buffer, on_fault, rolling
         self.actors, self.group = start_rollout_actors(cfg.target, cfg.draft, cfg.rollout, buffer)
@@ -109,8 +110,9 @@ class RolloutFleet:
     def evaluate(self) -> ray.ObjectRef:
         """Held-out tau on actor 0, queued behind its calls (so after a set_draft), with the version it holds."""
         t = self.cfg.train
-        return self.actors[0].evaluate_tau.remote(t.eval_benchmark, t.eval_prompts, t.eval_max_new_tokens,
-                                                  self.cfg.data.get(t.eval_benchmark))
+        return self.actors[0].evaluate_tau.remote(
+            t.eval_benchmark, t.eval_prompts, t.eval_max_new_tokens, self.cfg.data.get(t.eval_benchmark)
+        )
 
     def tau(self) -> float | None:
         """Mean over actors of their rolling tau; None before any rollout finished."""

@@ -142,5 +142,7 @@ def read_state(directory: Path) -> RunState:
     try:
         return RunState(**json.loads((directory / STATE).read_text()))
     except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"checkpoint {directory} has an unreadable {STATE} ({err}); "
-                         f"delete {directory} to resume from the one before it") from None
+        raise ValueError(
+            f"checkpoint {directory} has an unreadable {STATE} ({err}); "
+            f"delete {directory} to resume from the one before it"
+        ) from None

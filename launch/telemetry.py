@@ -16,8 +16,10 @@ from ray.util.metrics import Gauge
 # name -> (description, tag keys besides "run")
 GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tau": ("Rolling acceptance length (tokens committed per verify step) of a rollout actor", ("actor",)),
-    "acceptance_rate": ("Rolling share of verify steps that accept the draft token at this block position",
-                        ("position",)),
+    "acceptance_rate": (
+        "Rolling share of verify steps that accept the draft token at this block position",
+        ("position",),
+    ),
     "eval_tau": ("Held-out acceptance length of the latest draft, per benchmark", ("benchmark",)),
     "rollout_tokens_per_s": ("Generated tokens per second of a rollout actor", ("actor",)),
     "learner_tokens_per_s": ("Trained tokens per second, all learner ranks", ()),
@@ -40,8 +42,10 @@ class Telemetry:
         self.run_name = run_name
         self.file = (run_dir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step or None)
-        self.gauges = {name: Gauge(f"draft_opd_{name}", description, tag_keys=("run", *tags))
-                       for name, (description, tags) in GAUGES.items()}
+        self.gauges = {
+            name: Gauge(f"draft_opd_{name}", description, tag_keys=("run", *tags))
+            for name, (description, tags) in GAUGES.items()
+        }
 
     def log(self, record: dict) -> None:
         """One metrics.jsonl line, flushed at once so a crash loses nothing logged."""

@@ -1,4 +1,4 @@
-"""`draft-opd train CONFIG [key=value ...]` and `python -m launch.train ...` (for `ray job submit`).
+"""`draft-opd train CONFIG [key=value ...]` and `python -m draft_opd.launch.train ...` (for `ray job submit`).
 
 The loop: rollout actors stream trajectories into the replay buffer; learner ranks sample and
 step (SFT warm-up, then Draft-OPD, both on the same rollouts); every `publish_every` steps the
@@ -25,20 +25,30 @@ import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from buffer import BufferConfig, ReplayBufferActor
-from launch.config import Config, job_main, load_config, one_line, to_yaml
-from launch.learner_group import LearnerFault, LearnerGroup
-from launch.progress import StepProgress, wait_all
-from launch.rollout_fleet import RolloutFleet
-from launch.run_dir import RunDir, RunState, read_state, write_state
-from launch.telemetry import Telemetry
+from draft_opd.buffer import BufferConfig, ReplayBufferActor
+from draft_opd.launch.config import Config, job_main, load_config, one_line, to_yaml
+from draft_opd.launch.learner_group import LearnerFault, LearnerGroup
+from draft_opd.launch.progress import StepProgress, wait_all
+from draft_opd.launch.rollout_fleet import RolloutFleet
+from draft_opd.launch.run_dir import RunDir, RunState, read_state, write_state
+from draft_opd.launch.telemetry import Telemetry
 
 BOOKKEEPING = ("step_s", "tokens", "blocks", "staleness")  # learner results that are not loss terms
 CORPUS_CAPACITY = 10_000_000  # trajectories: a corpus is never evicted
 
-RUN_DEFINING = ("target", "draft", "rollout.prompts", "rollout.num_prompts", "rollout.num_actors",
-                "rollout.store_features", "rollout.topk_logprobs", "learner.world_size", "learner.zero_stage",
-                "learner.dtype", "buffer.dir")
+RUN_DEFINING = (
+    "target",
+    "draft",
+    "rollout.prompts",
+    "rollout.num_prompts",
+    "rollout.num_actors",
+    "rollout.store_features",
+    "rollout.topk_logprobs",
+    "learner.world_size",
+    "learner.zero_stage",
+    "learner.dtype",
+    "buffer.dir",
+)
 """Settings a checkpoint or the stored buffer depends on: a resumed run must keep them."""
 
 
@@ -52,8 +62,12 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = cfg.rollout.num_actors * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus + 1
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=True,
+    )
 
 
 def phase_of(step: int, cfg: Config) -> str:
@@ -67,15 +81,19 @@ def prepare(cfg: Config, run: RunDir, console: Console) -> RunState | dict | Non
     """A checkpoint's state to resume from, a finished run's summary (nothing to do), or None (fresh)."""
     if cfg.resume == "never":
         if earlier := run.earlier_run():
-            raise ValueError(f"{run} holds an earlier run ({', '.join(earlier)}); continue it with "
-                             "resume=auto, or start a new one with name=NEW_NAME")
+            raise ValueError(
+                f"{run} holds an earlier run ({', '.join(earlier)}); continue it with "
+                "resume=auto, or start a new one with name=NEW_NAME"
+            )
         run.path.mkdir(parents=True, exist_ok=True)
         return None
     summary = run.summary()
     if summary is not None:
-        console.print(f"{run} is a finished run (held-out tau {summary['tau_before']:.3f} -> "
-                      f"{summary['tau_after']:.3f}, draft in {summary['draft']}); to train again, delete "
-                      f"{run} or start a new run with name=NEW_NAME")
+        console.print(
+            f"{run} is a finished run (held-out tau {summary['tau_before']:.3f} -> "
+            f"{summary['tau_after']:.3f}, draft in {summary['draft']}); to train again, delete "
+            f"{run} or start a new run with name=NEW_NAME"
+        )
         return summary
     check_same_run(cfg, run)
     checkpoint = run.latest_checkpoint()
@@ -96,11 +114,16 @@ def check_same_run(cfg: Config, run: RunDir) -> None:
     except ValueError as err:
         raise ValueError(f"{run} holds a run this version cannot resume ({one_line(err)}); {fresh}") from None
     old, new = run_settings(saved), run_settings(cfg)
-    changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-               if old.get(key) != new.get(key)]
+    changed = [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
     if changed:
-        raise ValueError(f"{run} holds a run started with other settings ({'; '.join(changed)}); resume it "
-                         f"with its own settings (they are in {run.config_file}), or {fresh}")
+        raise ValueError(
+            f"{run} holds a run started with other settings ({'; '.join(changed)}); resume it "
+            f"with its own settings (they are in {run.config_file}), or {fresh}"
+        )
 
 
 def run_settings(cfg: Config) -> dict[str, object]:
@@ -123,8 +146,14 @@ def run_settings(cfg: Config) -> dict[str, object]:
 
 def corpus_config(cfg: Config) -> BufferConfig:
     """The offline SFT corpus (written by `draft-opd generate`) as a buffer: read whole, sampled freely."""
-    return BufferConfig(dir=cfg.train.sft_corpus, capacity=CORPUS_CAPACITY, min_size_to_sample=1,
-                        samples_per_insert=None, seed=cfg.buffer.seed, timeout_s=cfg.buffer.timeout_s)
+    return BufferConfig(
+        dir=cfg.train.sft_corpus,
+        capacity=CORPUS_CAPACITY,
+        min_size_to_sample=1,
+        samples_per_insert=None,
+        seed=cfg.buffer.seed,
+        timeout_s=cfg.buffer.timeout_s,
+    )
 
 
 class Job:
@@ -134,20 +163,31 @@ class Job:
         self.cfg, self.run, self.console = cfg, run, console
         run.config_file.write_text(to_yaml(cfg))
         self.telemetry = Telemetry(run.path, cfg.name, purge_step=state.step + 1 if state else 0)
-        console.print(f"starting the replay buffer, {cfg.rollout.num_actors} rollout actor(s) and "
-                      f"{cfg.learner.world_size} learner rank(s); each loads the target ...")
-        self.buffer = ReplayBufferActor.remote(cfg.buffer if cfg.buffer.dir else
-                                               replace(cfg.buffer, dir=str(run.buffer_dir)))
+        console.print(
+            f"starting the replay buffer, {cfg.rollout.num_actors} rollout actor(s) and "
+            f"{cfg.learner.world_size} learner rank(s); each loads the target ..."
+        )
+        self.buffer = ReplayBufferActor.remote(
+            cfg.buffer if cfg.buffer.dir else replace(cfg.buffer, dir=str(run.buffer_dir))
+        )
         if state is not None:
             self.get(self.buffer.load_state_dict.remote(state.buffer), "reopening the replay buffer")
         offline = bool(cfg.train.sft_corpus) and (state.step if state else 0) < cfg.train.sft_steps
-        self.fleet = RolloutFleet(cfg, self.buffer, state.positions if state else None,
-                                  state.version if state else 0, self.fault, rolling=not offline)
+        self.fleet = RolloutFleet(
+            cfg,
+            self.buffer,
+            state.positions if state else None,
+            state.version if state else 0,
+            self.fault,
+            rolling=not offline,
+        )
         self.learners = LearnerGroup(cfg, self.buffer, console)
         self.corpus: ray.actor.ActorHandle | None = None  # the offline SFT corpus, while SFT samples it
         if offline:
-            console.print(f"offline SFT on the corpus {cfg.train.sft_corpus} for {cfg.train.sft_steps} steps; "
-                          "rollouts start with the OPD phase")
+            console.print(
+                f"offline SFT on the corpus {cfg.train.sft_corpus} for {cfg.train.sft_steps} steps; "
+                "rollouts start with the OPD phase"
+            )
             self.corpus = ReplayBufferActor.remote(corpus_config(cfg))
             self.learners.use_buffer(self.corpus, offline=True)
         self.tau_before = state.tau_before if state else None
@@ -192,9 +232,16 @@ class Job:
         directory.mkdir(parents=True, exist_ok=True)
         self.call_learners("save_checkpoint", str(directory), what="checkpoint")
         self.get(self.buffer.flush.remote(), "sealing the buffer segment")  # every trajectory so far is on disk
-        write_state(directory, RunState(step=step, version=self.fleet.version, positions=list(self.fleet.positions),
-                                        buffer=self.get(self.buffer.state_dict.remote(), "the buffer's counters"),
-                                        tau_before=self.tau_before))
+        write_state(
+            directory,
+            RunState(
+                step=step,
+                version=self.fleet.version,
+                positions=list(self.fleet.positions),
+                buffer=self.get(self.buffer.state_dict.remote(), "the buffer's counters"),
+                tau_before=self.tau_before,
+            ),
+        )
         self.run.rotate(self.cfg.train.keep_checkpoints)
 
     def evaluate(self, step: int, phase: str, ref: ray.ObjectRef | None = None) -> dict:
@@ -223,18 +270,25 @@ class Job:
             self.learners.use_buffer(self.buffer, offline=False)
             self.fleet.start_rolling()
         results = self.call_learners("step", phase, self.fleet.version, what=f"learner step {step + 1}")
-        record = {"step": step + 1, "phase": phase, "loss": statistics.fmean(r["loss"] for r in results),
-                  "tau": self.fleet.tau(), "draft_version": self.fleet.version,
-                  "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),
-                  "trained_tokens": sum(r["tokens"] for r in results), "time": time.time(),
-                  **self.fleet.take_counts(),  # the target work that fed this step: the study's cost axis
-                  "rollout_tokens_per_s": sum(self.fleet.tokens_per_s),
-                  "staleness": statistics.fmean(r["staleness"] for r in results),
-                  "buffer_size": self.get(self.buffer.stats.remote(), "the buffer's size")["size"],
-                  **{k: v for k, v in results[0].items() if k not in ("loss", "tokens", "blocks", "staleness")}}
+        record = {
+            "step": step + 1,
+            "phase": phase,
+            "loss": statistics.fmean(r["loss"] for r in results),
+            "tau": self.fleet.tau(),
+            "draft_version": self.fleet.version,
+            "learner_tokens_per_s": sum(r["tokens"] / r["step_s"] for r in results),
+            "trained_tokens": sum(r["tokens"] for r in results),
+            "time": time.time(),
+            **self.fleet.take_counts(),  # the target work that fed this step: the study's cost axis
+            "rollout_tokens_per_s": sum(self.fleet.tokens_per_s),
+            "staleness": statistics.fmean(r["staleness"] for r in results),
+            "buffer_size": self.get(self.buffer.stats.remote(), "the buffer's size")["size"],
+            **{k: v for k, v in results[0].items() if k not in ("loss", "tokens", "blocks", "staleness")},
+        }
         last = step + 1 == train.sft_steps + train.opd_steps  # the final evaluation follows
-        eval_due = bool(train.eval_every) and (step + 1) % train.eval_every == 0 and not last \
-            and self.eval_pending is None
+        eval_due = (
+            bool(train.eval_every) and (step + 1) % train.eval_every == 0 and not last and self.eval_pending is None
+        )
         if (step + 1) % train.publish_every == 0 or eval_due:  # an evaluation measures these weights
             record["publish_s"] = self.publish()
         self.telemetry.log(record)
@@ -286,8 +340,10 @@ def run_steps(job: Job, state: RunState | None, total: int) -> dict:
     if state is None:
         console.print(f"run directory {job.run}; measuring held-out tau of the initial draft ...")
         job.tau_before = job.evaluate(0, "init")["eval_tau"]
-    console.print(f"held-out tau before training: {job.tau_before:.3f}; training {total} steps "
-                  f"({cfg.train.sft_steps} sft, {cfg.train.opd_steps} opd)")
+    console.print(
+        f"held-out tau before training: {job.tau_before:.3f}; training {total} steps "
+        f"({cfg.train.sft_steps} sft, {cfg.train.opd_steps} opd)"
+    )
     with StepProgress(console, total, step) as progress:
         while step < total:
             try:
@@ -320,12 +376,19 @@ def train(cfg: Config, console: Console | None = None) -> dict:
         final = run_steps(job, state, total)
     finally:
         job.close()
-    summary = {"tau_before": job.tau_before, "tau_after": final["eval_tau"], "steps": total,
-               "draft": str(run.draft_dir), "wall_s": time.perf_counter() - started,
-               "learner_restarts": job.learners.restarts}
+    summary = {
+        "tau_before": job.tau_before,
+        "tau_after": final["eval_tau"],
+        "steps": total,
+        "draft": str(run.draft_dir),
+        "wall_s": time.perf_counter() - started,
+        "learner_restarts": job.learners.restarts,
+    }
     run.write_summary(summary)
-    console.print(f"held-out tau ({cfg.train.eval_benchmark}, {cfg.train.eval_prompts} prompts): "
-                  f"{job.tau_before:.3f} before -> {final['eval_tau']:.3f} after; draft saved to {run.draft_dir}")
+    console.print(
+        f"held-out tau ({cfg.train.eval_benchmark}, {cfg.train.eval_prompts} prompts): "
+        f"{job.tau_before:.3f} before -> {final['eval_tau']:.3f} after; draft saved to {run.draft_dir}"
+    )
     return summary
 
 

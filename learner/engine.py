@@ -18,10 +18,10 @@ import numpy as np
 import ray
 import torch
 
-from learner.objective import ObjectiveConfig, phase_loss
-from learner.replay import target_features
-from speculative.drafter import DraftSpec, make_drafter
-from speculative.target import TargetConfig, load_target
+from draft_opd.learner.objective import ObjectiveConfig, phase_loss
+from draft_opd.learner.replay import target_features
+from draft_opd.speculative.loading import DraftSpec, make_drafter
+from draft_opd.speculative.target import TargetConfig, load_target
 
 
 @dataclass
@@ -57,15 +57,28 @@ def lr_scheduler(cfg: LearnerConfig, total_steps: int | None = None) -> dict:
         raise ValueError(f"learner.lr must be > 0 (got {cfg.lr})")
     warmup = max(cfg.warmup_steps, 1)
     if cfg.lr_schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": warmup}}
+        return {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_num_steps": warmup},
+        }
     if cfg.lr_schedule != "cosine":
         raise ValueError(f"learner.lr_schedule must be constant or cosine (got {cfg.lr_schedule!r})")
     if total_steps < 1:
-        raise ValueError("learner.lr_schedule=cosine needs learner.total_steps >= 1 (a run config sets it to "
-                         "train.sft_steps + train.opd_steps) and, with learner.opd_fresh_optimizer, "
-                         "learner.opd_total_steps >= 1 (a run config sets it to train.opd_steps)")
-    return {"type": "WarmupCosineLR", "params": {"total_num_steps": total_steps, "warmup_num_steps": warmup,
-                                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}}
+        raise ValueError(
+            "learner.lr_schedule=cosine needs learner.total_steps >= 1 (a run config sets it to "
+            "train.sft_steps + train.opd_steps) and, with learner.opd_fresh_optimizer, "
+            "learner.opd_total_steps >= 1 (a run config sets it to train.opd_steps)"
+        )
+    return {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": total_steps,
+            "warmup_num_steps": warmup,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": 0.0,
+            "warmup_type": "linear",
+        },
+    }
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict:
@@ -78,8 +91,10 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                  "torch_adam": True}},  # no fused-Adam build on CPU
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "torch_adam": True},
+        },  # no fused-Adam build on CPU
         "scheduler": lr_scheduler(cfg),
         "zero_optimization": {"stage": cfg.zero_stage, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
@@ -109,8 +124,13 @@ def free_port() -> int:
 def rank_env(rank: int, world_size: int, address: str, port: int) -> dict[str, str]:
     """torch.distributed's variables for one rank. Ray shows each rank only the GPU it was given
     (CUDA_VISIBLE_DEVICES), so the rank's device is index 0 there, whatever its global rank."""
-    return {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size), "MASTER_ADDR": address,
-            "MASTER_PORT": str(port)}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": address,
+        "MASTER_PORT": str(port),
+    }
 
 
 @ray.remote(num_cpus=0)
@@ -136,8 +156,17 @@ def init_process_group(rank: int, world_size: int, address: str, port: int, time
 class Learner:
     """A learner rank. With world_size 1 it also runs in-process (tests, one-process runs)."""
 
-    def __init__(self, target: TargetConfig, draft: DraftSpec, cfg: LearnerConfig, objective: ObjectiveConfig,
-                 rank: int = 0, address: str = "127.0.0.1", port: int | None = None, buffer=None):
+    def __init__(
+        self,
+        target: TargetConfig,
+        draft: DraftSpec,
+        cfg: LearnerConfig,
+        objective: ObjectiveConfig,
+        rank: int = 0,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        buffer=None,
+    ):
         import deepspeed
 
         if cfg.threads > 0:
@@ -149,8 +178,9 @@ class Learner:
         spec = draft if draft.path or draft.init else DraftSpec(**{**vars(draft), "init": "random"})
         drafter = make_drafter(spec, self.target)
         drafter.train()
-        self.engine, *_ = deepspeed.initialize(model=drafter, model_parameters=list(drafter.parameters()),
-                                               config=deepspeed_config(cfg))
+        self.engine, *_ = deepspeed.initialize(
+            model=drafter, model_parameters=list(drafter.parameters()), config=deepspeed_config(cfg)
+        )
         self.features = target_features(self.target)
         self.steps = 0
         self.phase: str | None = None  # the phase of the last step taken
@@ -203,8 +233,11 @@ class Learner:
         """Sample from `buffer` from now on: an offline corpus, whose phase has the cores to itself, or the
         rollouts' buffer, whose actors need theirs."""
         self.buffer = buffer
-        threads = (self.cfg.offline_threads or max(1, (os.cpu_count() or 1) // self.cfg.world_size)) if offline \
+        threads = (
+            (self.cfg.offline_threads or max(1, (os.cpu_count() or 1) // self.cfg.world_size))
+            if offline
             else self.cfg.threads
+        )
         if threads > 0:
             torch.set_num_threads(threads)
 
@@ -213,8 +246,9 @@ class Learner:
         staleness = self.objective.opd_max_staleness if phase == "opd" else None  # on-policy: recent drafts only
         per_row = 1 if phase == "opd" else self.objective.sft_anchors_per_row  # SFT draws these anchors per row
         rows = -(-self.cfg.batch_size // per_row)
-        batch = ray.get(self.buffer.sample.remote(rows, learner_version, max_staleness=staleness),
-                        timeout=self.cfg.timeout_s)
+        batch = ray.get(
+            self.buffer.sample.remote(rows, learner_version, max_staleness=staleness), timeout=self.cfg.timeout_s
+        )
         metrics = self.train_step(phase, batch)
         metrics["staleness"] = float(np.mean(learner_version - batch.draft_version[batch.traj_index]))
         return metrics

@@ -26,8 +26,9 @@ def masked_weighted_mean(values: torch.Tensor, weights: torch.Tensor, mask: torc
     return (values * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def dflash_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    gamma: float = 7.0) -> torch.Tensor:
+def dflash_sft_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, gamma: float = 7.0
+) -> torch.Tensor:
     """DFlash: cross-entropy at block offset k weighted exp(-(k-1)/gamma), normalised by the weights.
 
     student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W]. bf16 logits stay bf16 (the
@@ -35,13 +36,17 @@ def dflash_sft_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: to
     """
     width = labels.shape[1]
     weights = torch.exp(-(block_offsets(width, labels.device) - 1) / gamma).expand_as(labels)
-    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(),
-                                           reduction="none").view_as(labels).float()
+    ce = (
+        torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
+        .view_as(labels)
+        .float()
+    )
     return masked_weighted_mean(ce, weights, mask.float())
 
 
-def eagle3_ttt_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
-                    masks: list[torch.Tensor], decay: float = 0.8) -> torch.Tensor:
+def eagle3_ttt_loss(
+    student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], masks: list[torch.Tensor], decay: float = 0.8
+) -> torch.Tensor:
     """EAGLE-3 training-time test: soft cross-entropy against the target's distribution at unroll step i,
     weighted decay^i and summed over steps (each step averaged over its valid positions).
 
@@ -50,7 +55,7 @@ def eagle3_ttt_loss(student_logits: list[torch.Tensor], teacher_probs: list[torc
     total = student_logits[0].new_zeros(())
     for i, (logits, probs, mask) in enumerate(zip(student_logits, teacher_probs, masks)):
         soft_ce = -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-        total = total + decay ** i * masked_weighted_mean(soft_ce, torch.ones_like(soft_ce), mask.float())
+        total = total + decay**i * masked_weighted_mean(soft_ce, torch.ones_like(soft_ce), mask.float())
     return total
 
 
@@ -72,8 +77,7 @@ def greedy_forward_kl(student_logp: torch.Tensor) -> torch.Tensor:
     return -student_logp
 
 
-def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp: str = "reference"
-                  ) -> torch.Tensor:
+def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp: str = "reference") -> torch.Tensor:
     """Reverse KL estimated at a student sample with k3: r = p/q, (r - 1) - log r (>= 0, unbiased).
 
     clamp=reference (the Draft-OPD code): log r clamped to +-LOG_RATIO_CLAMP, so a proposal the teacher
@@ -89,10 +93,18 @@ def k3_reverse_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, clamp:
     return log_r.exp() - 1 - log_r
 
 
-def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor, resp_mask: torch.Tensor,
-                   rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor, rej_mask: torch.Tensor,
-                   decay: float = 0.9, rejected_clamp: str = "reference", rejected_weight: float = 1.0,
-                   response_kl: str = "bernoulli") -> dict[str, torch.Tensor]:
+def draft_opd_loss(
+    resp_teacher_logp: torch.Tensor,
+    resp_student_logp: torch.Tensor,
+    resp_mask: torch.Tensor,
+    rej_teacher_logp: torch.Tensor,
+    rej_student_logp: torch.Tensor,
+    rej_mask: torch.Tensor,
+    decay: float = 0.9,
+    rejected_clamp: str = "reference",
+    rejected_weight: float = 1.0,
+    response_kl: str = "bernoulli",
+) -> dict[str, torch.Tensor]:
     """Draft-OPD's decayed asymmetric KL over the response and rejected streams of N blocks ([N, W] each).
 
     loss = (sum resp_kl + sum w * rej_k3) / (N_resp + sum w), w = rejected_weight * decay^(offset-1), each
@@ -110,28 +122,40 @@ def draft_opd_loss(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Ten
         raise ValueError(f"unknown response KL {response_kl!r}; use one of {RESPONSE_KLS}")
     rej = k3_reverse_kl(rej_teacher_logp, rej_student_logp, rejected_clamp).clamp_max(LOSS_CAP) * w
     denominator = (resp_mask.sum() + w.sum()).clamp_min(1e-12)
-    return {"loss": (resp.sum() + rej.sum()) / denominator, "resp_kl": resp.sum() / resp_mask.sum().clamp_min(1),
-            "rej_kl": rej.sum() / w.sum().clamp_min(1e-12)}
+    return {
+        "loss": (resp.sum() + rej.sum()) / denominator,
+        "resp_kl": resp.sum() / resp_mask.sum().clamp_min(1),
+        "rej_kl": rej.sum() / w.sum().clamp_min(1e-12),
+    }
 
 
-def greedy_conflict_shares(resp_teacher_logp: torch.Tensor, resp_student_logp: torch.Tensor,
-                           resp_mask: torch.Tensor, rej_teacher_logp: torch.Tensor, rej_student_logp: torch.Tensor,
-                           rej_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def greedy_conflict_shares(
+    resp_teacher_logp: torch.Tensor,
+    resp_student_logp: torch.Tensor,
+    resp_mask: torch.Tensor,
+    rej_teacher_logp: torch.Tensor,
+    rej_student_logp: torch.Tensor,
+    rej_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """Shares of the entries where a sampled estimator may push against greedy acceptance (issue 11 (d)).
 
     rej_p_gt_q: rejected proposals with p > q, where k3's gradient raises q of a token greedy verification
     rejected; resp_q_gt_p: committed tokens with q > p, where the Bernoulli forward KL lowers q of a token
     greedy verification accepts. Diagnostics only: detached, each over its stream's valid entries.
     """
+
     def share(hit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return ((hit.float() * mask).sum() / mask.sum().clamp_min(1)).detach()
 
-    return {"rej_p_gt_q": share(rej_teacher_logp > rej_student_logp, rej_mask),
-            "resp_q_gt_p": share(resp_student_logp > resp_teacher_logp, resp_mask)}
+    return {
+        "rej_p_gt_q": share(rej_teacher_logp > rej_student_logp, rej_mask),
+        "resp_q_gt_p": share(resp_student_logp > resp_teacher_logp, resp_mask),
+    }
 
 
-def topk_forward_kl(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                    student_logp_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def topk_forward_kl(
+    teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Exact forward KL(p || q) restricted to the teacher's top-k (p renormalised over it).
 
     teacher_topk_logp / ids [N, W, k], student_logp_full [N, W, V], mask [N, W].
@@ -142,8 +166,9 @@ def topk_forward_kl(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Ten
     return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
 
 
-def topk_total_variation(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                         student_logp_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def topk_total_variation(
+    teacher_topk_logp: torch.Tensor, teacher_topk_ids: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """TV(p, q) with p the teacher's top-k renormalised (zero elsewhere): 1/2 (sum_topk |p - q| + 1 - sum_topk q).
 
     Acceptance of a draft sample is 1 - TV(p, q), so this is the quantity speculative sampling pays for.
@@ -154,16 +179,18 @@ def topk_total_variation(teacher_topk_logp: torch.Tensor, teacher_topk_ids: torc
     return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())
 
 
-def reverse_kl_full(teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
-                    ) -> torch.Tensor:
+def reverse_kl_full(
+    teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Exact reverse KL(q || p) from full distributions [N, W, V]."""
     q = student_logp_full.exp()
     kl = (q * (student_logp_full - teacher_logp_full)).sum(-1)
     return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
 
 
-def total_variation(teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
-                    ) -> torch.Tensor:
+def total_variation(
+    teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """TV(p, q) = 1/2 sum |p - q|: with greedy-free sampling, acceptance probability = 1 - TV."""
     tv = 0.5 * (teacher_logp_full.exp() - student_logp_full.exp()).abs().sum(-1)
     return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())

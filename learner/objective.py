@@ -13,12 +13,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from buffer import SampleBatch
-from learner.losses import (REJECTED_CLAMPS, RESPONSE_KLS, dflash_sft_loss, draft_opd_loss, greedy_conflict_shares,
-                            topk_forward_kl, topk_total_variation)
-from learner.replay import (FeatureSource, drafter_of, random_text_anchors, replay, replay_block_logits,
-                            replay_random_anchors)
-from speculative.text_tau import text_labels
+from draft_opd.buffer import SampleBatch
+from draft_opd.learner.losses import (
+    REJECTED_CLAMPS,
+    RESPONSE_KLS,
+    dflash_sft_loss,
+    draft_opd_loss,
+    greedy_conflict_shares,
+    topk_forward_kl,
+    topk_total_variation,
+)
+from draft_opd.learner.replay import (
+    FeatureSource,
+    drafter_of,
+    random_text_anchors,
+    replay,
+    replay_block_logits,
+    replay_random_anchors,
+)
+from draft_opd.speculative.text_tau import text_labels
 
 OPD_ANCHORS = ("rollout", "random")
 
@@ -48,8 +61,10 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.rejected_weight < 0 or self.sft_mix < 0:
-            raise ValueError(f"objective.rejected_weight and objective.sft_mix must be >= 0 "
-                             f"(got {self.rejected_weight}, {self.sft_mix})")
+            raise ValueError(
+                f"objective.rejected_weight and objective.sft_mix must be >= 0 "
+                f"(got {self.rejected_weight}, {self.sft_mix})"
+            )
         if self.sft_anchors_per_row < 1:
             raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
@@ -59,12 +74,15 @@ class ObjectiveConfig:
         if self.opd_anchors not in OPD_ANCHORS:
             raise ValueError(f"objective.opd_anchors must be one of {OPD_ANCHORS} (got {self.opd_anchors!r})")
         if self.opd_anchors == "random" and self.opd_variant == "topk":
-            raise ValueError("objective.opd_anchors=random needs objective.opd_variant=k3: the teacher's top-k "
-                             "is stored only at the rollout's anchors")
+            raise ValueError(
+                "objective.opd_anchors=random needs objective.opd_variant=k3: the teacher's top-k "
+                "is stored only at the rollout's anchors"
+            )
 
 
-def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
-             rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def sft_loss(
+    model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
     """Random anchors in the committed text: objective.sft_anchors_per_row for each block the batch sampled."""
     drafter = drafter_of(model)
     width = drafter.cfg.block_size - 1
@@ -74,8 +92,9 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = random_text_anchors(batch, t, count * cfg.sft_anchors_per_row, lowest, rng)
         label, mask = text_labels(ids, anchors, width)
-        logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
-                                          label, width))
+        logits.append(
+            replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors, label, width)
+        )
         labels.append(label)
         masks.append(mask)
     logits, labels, mask = torch.cat(logits), torch.cat(labels), torch.cat(masks).float()
@@ -87,24 +106,40 @@ def sft_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveC
     else:
         loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma)
     accuracy = ((logits.argmax(-1) == labels).float() * mask).sum() / mask.sum().clamp_min(1)
-    return {"loss": loss, "token_accuracy": accuracy.detach(), "blocks": torch.tensor(float(len(labels))),
-            "tokens": mask.sum()}
+    return {
+        "loss": loss,
+        "token_accuracy": accuracy.detach(),
+        "blocks": torch.tensor(float(len(labels))),
+        "tokens": mask.sum(),
+    }
 
 
-def opd_loss(model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
-             ) -> dict[str, torch.Tensor]:
+def opd_loss(
+    model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
     """The OPD variant's loss terms plus, for either variant, the greedy-conflict shares of the sampled streams."""
     if cfg.opd_anchors == "random":
         terms = replay_random_anchors(model, batch, features, rng)
     else:
         terms = replay(model, batch, features)
-    streams = (terms.teacher_committed_logp, terms.student_at(terms.committed_tokens), terms.committed_mask,
-               terms.teacher_draft_logp, terms.student_at(terms.draft_tokens), terms.rejected_mask)
+    streams = (
+        terms.teacher_committed_logp,
+        terms.student_at(terms.committed_tokens),
+        terms.committed_mask,
+        terms.teacher_draft_logp,
+        terms.student_at(terms.draft_tokens),
+        terms.rejected_mask,
+    )
     if cfg.opd_variant == "topk":
         out = topk_opd_loss(terms, batch, cfg.rejected_weight)
     elif cfg.opd_variant == "k3":
-        out = draft_opd_loss(*streams, decay=cfg.opd_decay, rejected_clamp=cfg.rejected_clamp,
-                             rejected_weight=cfg.rejected_weight, response_kl=cfg.response_kl)
+        out = draft_opd_loss(
+            *streams,
+            decay=cfg.opd_decay,
+            rejected_clamp=cfg.rejected_clamp,
+            rejected_weight=cfg.rejected_weight,
+            response_kl=cfg.response_kl,
+        )
     else:
         raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
     return {**out, **greedy_conflict_shares(*streams)}
@@ -114,16 +149,19 @@ def topk_opd_loss(terms, batch: SampleBatch, rejected_weight: float = 1.0) -> di
     """Beyond the paper: exact forward KL on the response stream and TV on the rejected stream, from the
     teacher's top-k at every draft position (needs rollout.topk_logprobs > 0)."""
     if batch.topk_ids is None:
-        raise ValueError("objective.opd_variant=topk needs the teacher's top-k in the buffer: "
-                         "set rollout.topk_logprobs (e.g. 20) and buffer.topk to the same k")
+        raise ValueError(
+            "objective.opd_variant=topk needs the teacher's top-k in the buffer: "
+            "set rollout.topk_logprobs (e.g. 20) and buffer.topk to the same k"
+        )
     ids, logp = torch.from_numpy(batch.topk_ids.astype(np.int64)), torch.tensor(batch.topk_logprobs)
     resp = topk_forward_kl(logp, ids, terms.student_logp, terms.committed_mask)
     rej = topk_total_variation(logp, ids, terms.student_logp, terms.rejected_mask)
     return {"loss": resp + rejected_weight * rej, "resp_kl": resp, "rej_tv": rej}
 
 
-def phase_loss(phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig,
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def phase_loss(
+    phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+) -> dict[str, torch.Tensor]:
     if phase == "sft":
         return sft_loss(model, batch, features, cfg, rng)
     if phase == "opd":

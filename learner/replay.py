@@ -9,15 +9,15 @@ rollout records, so replay costs no target pass when features are stored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-from buffer import SampleBatch
-from speculative.drafter import Drafter
-from speculative.text_tau import text_labels
+from draft_opd.buffer import SampleBatch
+from draft_opd.speculative.drafter import Drafter
+from draft_opd.speculative.text_tau import text_labels
 
 FeatureSource = Callable[[np.ndarray, np.ndarray | None], torch.Tensor]  # (input_ids, stored fp16) -> [T, F]
 
@@ -54,8 +54,15 @@ def drafter_of(model) -> Drafter:
     return getattr(model, "module", model)
 
 
-def replay_block_logits(model, features: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
-                        chain_tokens: torch.Tensor, width: int, widths: torch.Tensor | None = None) -> torch.Tensor:
+def replay_block_logits(
+    model,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    anchors: torch.Tensor,
+    chain_tokens: torch.Tensor,
+    width: int,
+    widths: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits [n, width, V], in the drafter's dtype, of blocks re-drafted at `anchors` through `model` (a drafter
     or its engine); chain drafters are fed `chain_tokens` [n, width-1]; `widths` [n] are the proposals each block
     drafted (Drafter.forward), None for full blocks."""
@@ -75,8 +82,9 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = torch.from_numpy(batch.anchor[items].astype(np.int64))
         drafted = torch.from_numpy(batch.n_draft[items].astype(np.int64))  # < width in a block max_new_tokens cut
-        block = replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
-                                    draft_tokens[items], width, drafted)
+        block = replay_block_logits(
+            model, features(batch.input_ids[t], batch.features[t]), ids, anchors, draft_tokens[items], width, drafted
+        )
         for row, i in enumerate(items):
             logits[i] = block[row]
     valid = torch.ones(len(batch), dtype=torch.bool)
@@ -93,17 +101,14 @@ def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
     )
 
 
-
-def random_text_anchors(batch: SampleBatch, t: int, count: int, lowest: int, rng: np.random.Generator
-                        ) -> torch.Tensor:
+def random_text_anchors(batch: SampleBatch, t: int, count: int, lowest: int, rng: np.random.Generator) -> torch.Tensor:
     """`count` anchors drawn uniformly in trajectory t's text, from its last prompt token to its second-to-last
     token (so each has a label); `lowest` is the first anchor the drafter can take."""
     lo = max(int(batch.prompt_len[t]) - 1, lowest)
     return torch.from_numpy(rng.integers(lo, max(len(batch.input_ids[t]) - 1, lo + 1), size=count))
 
 
-def replay_random_anchors(model, batch: SampleBatch, features: FeatureSource, rng: np.random.Generator
-                          ) -> ReplayTerms:
+def replay_random_anchors(model, batch: SampleBatch, features: FeatureSource, rng: np.random.Generator) -> ReplayTerms:
     """The ablation of rollout anchors: as many blocks per trajectory as the batch sampled, re-drafted at random
     anchors of the rollouts' text. The current draft's greedy proposals there decide the accepted prefix; the
     response stream is that prefix plus the first error's target token, with the rollout's teacher log-probs.
@@ -116,8 +121,9 @@ def replay_random_anchors(model, batch: SampleBatch, features: FeatureSource, rn
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = random_text_anchors(batch, t, int(count), lowest, rng)
         label, mask = text_labels(ids, anchors, width)
-        logits.append(replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors,
-                                          label, width))
+        logits.append(
+            replay_block_logits(model, features(batch.input_ids[t], batch.features[t]), ids, anchors, label, width)
+        )
         positions = (anchors[:, None] + 1 + torch.arange(width)).clamp_max(ids.shape[0] - 1)
         teacher.append(torch.from_numpy(batch.token_logprobs[t])[positions])
         labels.append(label)

@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from speculative.decode import (DecodeConfig, DecodeResult, Row, block_size_of, commit_block, draft_block,
-                                finish_row, start_row)
-from speculative.drafter import Drafter
-from speculative.target import Target, crop_cache
+from draft_opd.speculative.decode import (
+    DecodeConfig,
+    DecodeResult,
+    Row,
+    block_size_of,
+    commit_block,
+    draft_block,
+    finish_row,
+    start_row,
+)
+from draft_opd.speculative.drafter import Drafter
+from draft_opd.speculative.target import Target, crop_cache
 
 
 @dataclass
@@ -81,8 +89,13 @@ def keep_rows(cache: DynamicCache, keep: list[int], lengths: list[int]) -> Dynam
 
 
 @torch.inference_mode()
-def generate_batch(target: Target, requests: Iterable[tuple[Sequence[int], int]], drafter: Drafter | None,
-                   cfg: DecodeConfig, batch_size: int) -> Iterator[tuple[int, DecodeResult]]:
+def generate_batch(
+    target: Target,
+    requests: Iterable[tuple[Sequence[int], int]],
+    drafter: Drafter | None,
+    cfg: DecodeConfig,
+    batch_size: int,
+) -> Iterator[tuple[int, DecodeResult]]:
     """Decode each (prompt, seed) of `requests`, up to `batch_size` at once; yield (request index, result)
     as rows finish. Requests are read lazily, one whenever a row is free.
 
@@ -120,8 +133,10 @@ def generate_batch(target: Target, requests: Iterable[tuple[Sequence[int], int]]
         if any(complete(item.row) for item in live):
             continue
         finishing = [item.row.done(cfg) for item in live]
-        blocks = [(item.row.anchor.new_empty(0), None) if end else draft_block(item.row, drafter, cfg)
-                  for item, end in zip(live, finishing)]
+        blocks = [
+            (item.row.anchor.new_empty(0), None) if end else draft_block(item.row, drafter, cfg)
+            for item, end in zip(live, finishing)
+        ]
         width = 1 + max(draft.shape[0] for draft, _ in blocks)
         ids = torch.zeros(len(live), width, dtype=torch.long, device=target.device)
         for r, (item, (draft, _)) in enumerate(zip(live, blocks)):
@@ -136,6 +151,7 @@ def generate_batch(target: Target, requests: Iterable[tuple[Sequence[int], int]]
                 finish_row(item.row, out.features[r, :1])
             else:
                 w = 1 + draft.shape[0]
-                counts[r] = commit_block(item.row, draft, draft_logits, out.logits[r, :w], out.features[r, :w],
-                                         drafter, cfg)
+                counts[r] = commit_block(
+                    item.row, draft, draft_logits, out.logits[r, :w], out.features[r, :w], drafter, cfg
+                )
         keep_committed(cache, lengths, cached, counts)

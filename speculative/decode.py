@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from speculative.drafter import Drafter, DraftState
-from speculative.target import Target, crop_cache
-from speculative.verify import sampling_probs, verify_greedy, verify_sampling
+from draft_opd.speculative.drafter import Drafter, DraftState
+from draft_opd.speculative.target import Target, crop_cache
+from draft_opd.speculative.verify import sampling_probs, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DecodeResult:
 
     @property
     def response(self) -> list[int]:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
     @property
     def num_new_tokens(self) -> int:
@@ -110,15 +110,18 @@ def check_context(target: Target, prompt_len: int, max_new_tokens: int, block_si
     limit = int(getattr(target.config, "max_position_embeddings", 0) or 0)
     need = prompt_len + max_new_tokens + block_size
     if limit and need > limit:
-        raise ContextTooLongError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ block "
-                                  f"{block_size}) exceeds the target's context of {limit} positions")
+        raise ContextTooLongError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} (+ block "
+            f"{block_size}) exceeds the target's context of {limit} positions"
+        )
 
 
 def _step_record(anchor: int, draft: torch.Tensor, accepted: int, logp: torch.Tensor, topk: int) -> StepRecord:
     n = draft.shape[0]
     rows = torch.arange(n)
-    record = StepRecord(anchor=anchor, draft_tokens=draft.tolist(), accept_len=accepted,
-                        draft_logprobs=logp[rows, draft].tolist())
+    record = StepRecord(
+        anchor=anchor, draft_tokens=draft.tolist(), accept_len=accepted, draft_logprobs=logp[rows, draft].tolist()
+    )
     if topk > 0 and n > 0:
         values, ids = logp[:n].topk(topk, dim=-1)
         record.topk_ids, record.topk_logprobs = ids.tolist(), values.tolist()
@@ -147,8 +150,14 @@ class Row:
         return self.result.stopped or self.result.num_new_tokens >= cfg.max_new_tokens
 
 
-def start_row(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None, cfg: DecodeConfig,
-              cache: DynamicCache, seed: int) -> Row:
+def start_row(
+    target: Target,
+    prompt: list[int] | torch.Tensor,
+    drafter: Drafter | None,
+    cfg: DecodeConfig,
+    cache: DynamicCache,
+    seed: int,
+) -> Row:
     """Prefill `prompt` into `cache`, pick the first token and hand the prompt's features to the drafter."""
     prompt_ids = torch.as_tensor(prompt, dtype=torch.long, device=target.device).view(-1)
     if prompt_ids.numel() == 0:
@@ -164,11 +173,21 @@ def start_row(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter
     t0 = time.perf_counter()
     out = target.forward(prompt_ids, 0, cache, with_features=use_draft or cfg.keep_features)
     first = pick(out.logits[-1:])
-    result = DecodeResult(tokens=prompt_ids.tolist() + first.tolist(), prompt_len=prompt_ids.numel(),
-                          committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist())
+    result = DecodeResult(
+        tokens=prompt_ids.tolist() + first.tolist(),
+        prompt_len=prompt_ids.numel(),
+        committed_logprobs=torch.log_softmax(out.logits[-1], -1)[first].tolist(),
+    )
     result.stopped = bool(torch.isin(first, stop_ids).any())
-    row = Row(result=result, anchor_pos=prompt_ids.numel(), anchor=first[0], pick=pick, generator=generator,
-              state=drafter.begin(out.features, prompt_ids) if use_draft else None, stop_ids=stop_ids)
+    row = Row(
+        result=result,
+        anchor_pos=prompt_ids.numel(),
+        anchor=first[0],
+        pick=pick,
+        generator=generator,
+        state=drafter.begin(out.features, prompt_ids) if use_draft else None,
+        stop_ids=stop_ids,
+    )
     if cfg.keep_features:
         row.kept.append(out.features)
     result.prefill_s = time.perf_counter() - t0
@@ -183,8 +202,15 @@ def draft_block(row: Row, drafter: Drafter | None, cfg: DecodeConfig) -> tuple[t
     return row.anchor.new_empty(0), None
 
 
-def commit_block(row: Row, draft: torch.Tensor, draft_logits: torch.Tensor | None, logits: torch.Tensor,
-                 features: torch.Tensor, drafter: Drafter | None, cfg: DecodeConfig) -> int:
+def commit_block(
+    row: Row,
+    draft: torch.Tensor,
+    draft_logits: torch.Tensor | None,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    drafter: Drafter | None,
+    cfg: DecodeConfig,
+) -> int:
     """Verify the row's block from the target's `logits`/`features` ([1 + len(draft), ...]), commit the
     accepted tokens and the bonus token, record the step and feed the drafter; returns the tokens committed.
     The caller keeps the committed positions of its cache and drops the rest."""
@@ -192,8 +218,9 @@ def commit_block(row: Row, draft: torch.Tensor, draft_logits: torch.Tensor | Non
     if cfg.temperature <= 0:
         accepted, bonus = verify_greedy(draft, logits)
     elif n > 0:
-        accepted, bonus = verify_sampling(draft, sampling_probs(draft_logits, cfg.temperature),
-                                          sampling_probs(logits, cfg.temperature), row.generator)
+        accepted, bonus = verify_sampling(
+            draft, sampling_probs(draft_logits, cfg.temperature), sampling_probs(logits, cfg.temperature), row.generator
+        )
     else:
         accepted, bonus = 0, row.pick(logits[:1])[0]
     verify_ids = torch.cat([row.anchor.view(1), draft])
@@ -225,8 +252,9 @@ def finish_row(row: Row, last_features: torch.Tensor | None) -> DecodeResult:
 
 
 @torch.inference_mode()
-def generate(target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None = None,
-             cfg: DecodeConfig | None = None) -> DecodeResult:
+def generate(
+    target: Target, prompt: list[int] | torch.Tensor, drafter: Drafter | None = None, cfg: DecodeConfig | None = None
+) -> DecodeResult:
     """Decode one prompt; token-identical to plain greedy decoding at T = 0, distribution-exact at T > 0."""
     cfg = cfg or DecodeConfig()
     cache = target.new_cache()

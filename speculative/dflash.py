@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from speculative.drafter import Drafter, DrafterConfig, DraftState, Pick
-from speculative.layers import KVCache, SwiGLU, apply_rotary, attend, rotary_cos_sin
+from draft_opd.speculative.drafter import Drafter, DrafterConfig, DraftState, Pick
+from draft_opd.speculative.layers import KVCache, SwiGLU, apply_rotary, attend, rotary_cos_sin
 
 
 class InjectedAttention(nn.Module):
@@ -31,13 +31,21 @@ class InjectedAttention(nn.Module):
     def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(x.shape[0], n, self.head_dim).transpose(0, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         kv_in = torch.cat([context, x])
         q = self.q_norm(self.heads(self.q_proj(x), self.num_heads))
         k = self.k_norm(self.heads(self.k_proj(kv_in), self.num_kv_heads))
         v = self.heads(self.v_proj(kv_in), self.num_kv_heads)
-        q = apply_rotary(q, cos[-x.shape[0]:], sin[-x.shape[0]:])
+        q = apply_rotary(q, cos[-x.shape[0] :], sin[-x.shape[0] :])
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(layer, k, v)
@@ -70,8 +78,14 @@ class DFlashDrafter(Drafter):
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         return self.hidden_norm(self.fc(features))
 
-    def block_hidden(self, block_tokens: torch.Tensor, context: torch.Tensor, positions: torch.Tensor,
-                     cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def block_hidden(
+        self,
+        block_tokens: torch.Tensor,
+        context: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normalised hidden states of a block. `positions` cover [context, block]; `context` is fused."""
         x = self.embed(block_tokens)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -80,8 +94,9 @@ class DFlashDrafter(Drafter):
         return self.norm(x)
 
     @torch.inference_mode()
-    def propose(self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(
+        self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         feats, _, start = state.take_pending(position)
         mask_id = torch.full((n,), self.cfg.mask_token_id, dtype=anchor.dtype, device=anchor.device)
         block = torch.cat([anchor.view(1), mask_id])
@@ -91,8 +106,14 @@ class DFlashDrafter(Drafter):
         logits = self.target_logits(hidden[1:]).float()
         return pick(logits), logits
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        anchors: torch.Tensor,
+        chain_tokens: torch.Tensor,
+        widths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Re-draft one block from each anchor of a sequence in one pass (training: SFT and error-position replay).
 
         Each block [tokens[a], MASK x W] sees the target features of positions < a and itself,

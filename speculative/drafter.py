@@ -11,16 +11,15 @@ drafter without any extra target work.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from speculative.layers import KVCache
+from draft_opd.speculative.layers import KVCache
 
 Pick = Callable[[torch.Tensor], torch.Tensor]  # logits [k, V] -> tokens [k]
 
@@ -129,13 +128,20 @@ class Drafter(nn.Module):
         state.pending_features.append(features.to(self._shared[0].dtype))
         state.pending_tokens.append(tokens)
 
-    def propose(self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(
+        self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return n draft tokens after `anchor` (at `position`) and their logits [n, V]."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        anchors: torch.Tensor,
+        chain_tokens: torch.Tensor,
+        widths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Training: re-draft a block of W = chain_tokens.shape[1] + 1 proposals from each anchor of one
         sequence at once, as `propose` would have at inference; logits [N, W, V]. widths [N] (default W):
         proposals the rollout drafted per block (fewer in a block cut by max_new_tokens); offsets past a
@@ -146,25 +152,10 @@ class Drafter(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(native_config(self.cfg), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(out / "model.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(out / "model.safetensors")
+        )
         return out
-
-
-def drafter_class(kind: str) -> type[Drafter]:
-    from speculative.dflash import DFlashDrafter
-    from speculative.eagle3 import Eagle3Drafter
-
-    return {"dflash": DFlashDrafter, "eagle3": Eagle3Drafter}[kind]
-
-
-def build_drafter(cfg: DrafterConfig, target, seed: int = 0) -> Drafter:
-    """A freshly initialised drafter for `target` (seeded), sharing its embedding and LM head."""
-    cfg = complete_config(cfg, target.config)
-    check_mask_token(cfg, "draft.mask_token_id")
-    torch.manual_seed(seed)
-    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
-    return drafter.to(target.dtype).eval()
 
 
 def check_mask_token(cfg: DrafterConfig, key: str) -> None:
@@ -172,8 +163,10 @@ def check_mask_token(cfg: DrafterConfig, key: str) -> None:
     if cfg.kind == "dflash" and cfg.mask_token_id is None:
         raise ValueError(f"a dflash drafter needs {key} (a token id the target never emits)")
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < cfg.vocab_size:
-        raise ValueError(f"{key}={cfg.mask_token_id} is not a token of this target (vocab {cfg.vocab_size}); "
-                         "use an id the target never emits, e.g. an unused special token")
+        raise ValueError(
+            f"{key}={cfg.mask_token_id} is not a token of this target (vocab {cfg.vocab_size}); "
+            "use an id the target never emits, e.g. an unused special token"
+        )
 
 
 def native_config(cfg: DrafterConfig) -> dict:
@@ -185,118 +178,3 @@ def read_native_config(raw: dict) -> DrafterConfig:
     """The inverse of `native_config`; keys of other versions are ignored."""
     known = {f.name for f in fields(DrafterConfig)}
     return DrafterConfig(**{k: v for k, v in raw.items() if k in known})
-
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
-
-
-def draft_dir(path: str | Path) -> Path:
-    """A local draft directory, or a Hugging Face hub id fetched into (or found in) the hub cache."""
-    local = Path(path).expanduser()
-    if not local.is_dir() and HUB_ID.match(str(path)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = Path(snapshot_download(str(path), allow_patterns=["config.json", "model.safetensors"]))
-        except (OSError, ValueError) as err:  # offline, unknown or gated repo: the same fix
-            raise FileNotFoundError(f"draft {path} is not a local directory and the Hugging Face hub could not provide "
-                                    f"it ({type(err).__name__}); download it where the hub is reachable "
-                                    f"(`huggingface-cli download {path} --local-dir DIR`) and pass draft=DIR") from None
-    if not (local / "config.json").exists() or not (local / "model.safetensors").exists():
-        raise FileNotFoundError(f"no drafter at {local}: expected config.json and model.safetensors (written by "
-                                "`draft-opd train` or `draft-opd export`, or a z-lab DFlash / EAGLE-3 checkpoint)")
-    return local
-
-
-def load_drafter(path: str | Path, target, block_size: int | None = None) -> Drafter:
-    """Load a drafter and attach it to `target`: ours, a z-lab DFlash or an EAGLE-3 (SpecForge, vLLM) checkpoint,
-    told apart by config.json (speculative/formats.py); `block_size` (given) replaces the checkpoint's."""
-    from speculative.formats import checkpoint_format, format_config, from_format
-
-    root = draft_dir(path)
-    config = json.loads((root / "config.json").read_text())
-    tensors = load_file(str(root / "model.safetensors"))
-    embedding = tensors.pop("embed_tokens.weight", None)  # older SpecForge drafts store the target's own
-    try:
-        fmt = checkpoint_format(config)
-        if embedding is not None:
-            check_embedding(embedding, target)
-        cfg = format_config(fmt, config, target.num_layers, block_size)
-        check_tensors(fmt, cfg, tensors, target)
-        cfg, state = from_format(fmt, config, tensors, target.num_layers, block_size)
-    except ValueError as err:
-        raise ValueError(f"drafter at {root}: {err}") from None
-    drafter = drafter_class(cfg.kind)(cfg, target.embed_tokens.weight, target.lm_head)
-    drafter.load_state_dict(state)
-    return drafter.to(target.dtype).eval()
-
-
-def check_tensors(fmt: str, cfg: DrafterConfig, tensors: dict[str, torch.Tensor], target) -> None:
-    """Refuse, naming the tensor, a checkpoint whose tensors are not exactly those of `cfg` for `target` in `fmt`:
-    the expected ones are what `to_format` makes of an empty (meta) drafter, so import and export share one mapping."""
-    from speculative.formats import to_format
-
-    fits = replace(cfg, hidden_size=target.hidden_size, vocab_size=target.vocab_size)
-    with torch.device("meta"):
-        skeleton = drafter_class(cfg.kind)(fits, torch.empty(0), nn.Linear(fits.hidden_size, fits.vocab_size))
-    expected = to_format(fmt, fits, skeleton.state_dict(), target.num_layers, max_positions=0)[1]  # its config unused
-    unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-    if unknown:
-        raise ValueError(f"tensor {unknown[0]}{_more(unknown)} has no place in our {cfg.kind} drafter ({fmt} format): "
-                         "importing it would drop part of the draft; use a plain DFlash or EAGLE-3 checkpoint")
-    if missing:
-        raise ValueError(f"tensor {missing[0]}{_more(missing)} is missing: our {cfg.kind} drafter ({fmt} format, "
-                         f"num_hidden_layers {cfg.num_layers}) needs it")
-    for name, want in expected.items():
-        if tuple(tensors[name].shape) != tuple(want.shape):
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}; this target needs "
-                             f"{tuple(want.shape)} (hidden {target.hidden_size}, vocab {target.vocab_size}, feature "
-                             f"layers {cfg.target_layer_ids}): the draft was built for a target with hidden "
-                             f"{cfg.hidden_size} and vocab {cfg.vocab_size}")
-    if cfg.vocab_size != target.vocab_size or cfg.hidden_size != target.hidden_size:
-        raise ValueError(f"config.json says hidden {cfg.hidden_size} and vocab {cfg.vocab_size}; this target has "
-                         f"hidden {target.hidden_size} and vocab {target.vocab_size}: use a draft built for this "
-                         "target")
-    check_mask_token(cfg, "mask_token_id")
-
-
-def check_embedding(embedding: torch.Tensor, target) -> None:
-    """A stored embedding is dropped only if it is the target's own, which our drafters share."""
-    own = target.embed_tokens.weight
-    if embedding.shape != own.shape or not torch.equal(embedding, own.to(embedding.dtype)):
-        raise ValueError("tensor embed_tokens.weight is not this target's embedding, which our drafters share: "
-                         "the draft was trained for another target")
-
-
-def _more(names: list[str]) -> str:
-    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-
-
-@dataclass
-class DraftSpec(DrafterConfig):
-    """A drafter as a run configures it: a saved one (`path`), a fresh one (`init=random`), or none."""
-
-    block_size: int | None = None  # None: a loaded draft's own (EAGLE-3: EAGLE3_BLOCK_SIZE), 16 for a fresh one
-    path: str | None = None  # a draft directory or a Hugging Face hub id (ours, z-lab DFlash, EAGLE-3)
-    init: str | None = None  # "random": an untrained drafter of `kind`, for smoke runs
-    seed: int = 0
-
-
-def make_drafter(spec: DraftSpec, target) -> Drafter | None:
-    """The drafter a spec asks for, attached to `target` (whose feature layers it sets), or None."""
-    if spec.path:
-        drafter = load_drafter(spec.path, target, spec.block_size)
-    elif spec.init == "random":
-        arch = {f.name: getattr(spec, f.name) for f in fields(DrafterConfig)}
-        arch["block_size"] = spec.block_size or DrafterConfig.block_size
-        drafter = build_drafter(DrafterConfig(**arch), target, seed=spec.seed)
-    elif spec.init is None:
-        return None
-    else:
-        raise ValueError(f"unknown draft.init {spec.init!r}; use draft.init=random or draft.path=DIR")
-    try:
-        target.set_feature_layers(drafter.cfg.target_layer_ids)
-    except ValueError as err:  # knowable only now, with the target's depth at hand
-        source = f"the drafter at {spec.path} (built for a deeper target?)" if spec.path else "draft.target_layer_ids"
-        raise ValueError(f"{source}: {err}") from None
-    return drafter

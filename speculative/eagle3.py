@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from speculative.drafter import Drafter, DrafterConfig, DraftState, Pick
-from speculative.layers import KVCache, SwiGLU, apply_rotary, attend, rotary_cos_sin
+from draft_opd.speculative.drafter import Drafter, DrafterConfig, DraftState, Pick
+from draft_opd.speculative.layers import KVCache, SwiGLU, apply_rotary, attend, rotary_cos_sin
 
 
 class Eagle3Layer(nn.Module):
@@ -30,8 +30,15 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(h, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(h, cfg.intermediate_size)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         t = embeds.shape[0]
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim).transpose(0, 1)
@@ -68,8 +75,14 @@ class Eagle3Drafter(Drafter):
         with torch.no_grad():
             self.lm_head.weight.copy_(head.weight[:vocab])
 
-    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-             cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One layer pass over (token, hidden) pairs; returns the pre-norm output hidden states."""
         embeds = self.embed(tokens)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
@@ -84,8 +97,9 @@ class Eagle3Drafter(Drafter):
         return full.index_copy_(-1, self.d2t, draft)
 
     @torch.inference_mode()
-    def propose(self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(
+        self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         feats, tokens, start = state.take_pending(position)
         next_tokens = torch.cat([tokens[1:], anchor.view(1)])  # pair feature t with token t+1
         positions = torch.arange(start, position, device=anchor.device)
@@ -103,8 +117,14 @@ class Eagle3Drafter(Drafter):
         state.cache.crop(position)
         return torch.cat(drafted), torch.cat(all_logits)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                chain_tokens: torch.Tensor, widths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        anchors: torch.Tensor,
+        chain_tokens: torch.Tensor,
+        widths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Unroll a chain from each anchor at once (training-time test and error-position replay).
 
         Step 1 of anchor a reads the true features of every position < a (one causal pass shared

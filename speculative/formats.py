@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from speculative.drafter import DrafterConfig, default_layer_ids, native_config, read_native_config
+from draft_opd.speculative.drafter import DrafterConfig, default_layer_ids, native_config, read_native_config
 
 FORMATS = ("dflash", "eagle3")  # one per drafter kind, named after it
 NATIVE = "draft_opd"  # our own checkpoints (`Drafter.save`), named by config.json's "architecture"
@@ -39,11 +39,15 @@ def serving_blockers(cfg: DrafterConfig) -> list[str]:
     blockers = []
     ids = cfg.target_layer_ids
     if ids != sorted(set(ids)):
-        blockers.append(f"target_layer_ids {ids} are not strictly ascending: the servers capture target layers "
-                        "in depth order, so the fc input would be permuted")
+        blockers.append(
+            f"target_layer_ids {ids} are not strictly ascending: the servers capture target layers "
+            "in depth order, so the fc input would be permuted"
+        )
     if cfg.kind == "eagle3" and len(ids) != EAGLE3_FEATURE_LAYERS:
-        blockers.append(f"this draft fuses {len(ids)} target layers; the EAGLE-3 loaders of SGLang and vLLM "
-                        f"fix fc at {EAGLE3_FEATURE_LAYERS} x hidden inputs")
+        blockers.append(
+            f"this draft fuses {len(ids)} target layers; the EAGLE-3 loaders of SGLang and vLLM "
+            f"fix fc at {EAGLE3_FEATURE_LAYERS} x hidden inputs"
+        )
     if cfg.kind == "dflash" and cfg.mask_token_id is None:
         blockers.append("a DFlash checkpoint needs mask_token_id")
     return blockers
@@ -52,14 +56,23 @@ def serving_blockers(cfg: DrafterConfig) -> list[str]:
 def _common_config(cfg: DrafterConfig, max_positions: int, dtype: torch.dtype) -> dict:
     """Fields both formats share, in the HF names; rope is plain (no scaling), as in our drafters."""
     return {
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
-        "attention_bias": False, "attention_dropout": 0.0, "max_position_embeddings": max_positions,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": max_positions,
         # transformers < 5 and the servers read rope_theta; transformers 5 reads rope_parameters
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -71,17 +84,20 @@ def _require_exact(cfg: DrafterConfig, kind: str) -> None:
         raise ValueError(f"the {kind} format would not compute what this draft computes: " + "; ".join(blockers))
 
 
-def to_dflash(cfg: DrafterConfig, state: State, num_target_layers: int, max_positions: int
-              ) -> tuple[dict, State]:
+def to_dflash(cfg: DrafterConfig, state: State, num_target_layers: int, max_positions: int) -> tuple[dict, State]:
     """z-lab `DFlashDraftModel`: our names already are its names; the config is a Qwen3 one plus dflash fields."""
     _require_exact(cfg, "dflash")
     config = {
-        "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
-        "num_hidden_layers": cfg.num_layers, "block_size": cfg.block_size,
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "num_hidden_layers": cfg.num_layers,
+        "block_size": cfg.block_size,
         "dflash_config": {"mask_token_id": cfg.mask_token_id, "target_layer_ids": list(cfg.target_layer_ids)},
         "num_target_layers": num_target_layers,  # SGLang bounds target_layer_ids by it
         # all layers full, non-causal attention (vLLM reads causality from layer_types)
-        "layer_types": ["full_attention"] * cfg.num_layers, "use_sliding_window": False, "sliding_window": None,
+        "layer_types": ["full_attention"] * cfg.num_layers,
+        "use_sliding_window": False,
+        "sliding_window": None,
         "max_window_layers": cfg.num_layers,
         **_common_config(cfg, max_positions, state["fc.weight"].dtype),
     }
@@ -97,19 +113,32 @@ def _dflash_config(config: dict, num_target_layers: int | None) -> DrafterConfig
     dflash = config.get("dflash_config") or {}
     built_for = config.get("num_target_layers")
     if num_target_layers is not None and built_for not in (None, num_target_layers):
-        raise ValueError(f"this DFlash draft was built for a {built_for}-layer target (num_target_layers); this target "
-                         f"has {num_target_layers} layers: use a draft made for this target")
+        raise ValueError(
+            f"this DFlash draft was built for a {built_for}-layer target (num_target_layers); this target "
+            f"has {num_target_layers} layers: use a draft made for this target"
+        )
     if "target_layer_ids" not in dflash:
-        raise ValueError("no dflash_config.target_layer_ids in this DFlash config: the target layers it reads are "
-                         "unknown")
-    _refuse_unsupported("DFlash", config, [
-        ("causal attention (is_causal)", bool(_dflash_field(config, "is_causal"))),
-        ("input_embedding_scale", _dflash_field(config, "input_embedding_scale") not in (None, 1, 1.0)),
-        ("output_multiplier", _dflash_field(config, "output_multiplier") not in (None, 1, 1.0)),
-        ("final_logit_softcapping", bool(_dflash_field(config, "final_logit_softcapping")))])
-    return DrafterConfig(kind="dflash", block_size=int(_dflash_field(config, "block_size") or DFLASH_BLOCK_SIZE),
-                         num_layers=int(config["num_hidden_layers"]), target_layer_ids=list(dflash["target_layer_ids"]),
-                         mask_token_id=dflash.get("mask_token_id"), **_native_fields(config))
+        raise ValueError(
+            "no dflash_config.target_layer_ids in this DFlash config: the target layers it reads are unknown"
+        )
+    _refuse_unsupported(
+        "DFlash",
+        config,
+        [
+            ("causal attention (is_causal)", bool(_dflash_field(config, "is_causal"))),
+            ("input_embedding_scale", _dflash_field(config, "input_embedding_scale") not in (None, 1, 1.0)),
+            ("output_multiplier", _dflash_field(config, "output_multiplier") not in (None, 1, 1.0)),
+            ("final_logit_softcapping", bool(_dflash_field(config, "final_logit_softcapping"))),
+        ],
+    )
+    return DrafterConfig(
+        kind="dflash",
+        block_size=int(_dflash_field(config, "block_size") or DFLASH_BLOCK_SIZE),
+        num_layers=int(config["num_hidden_layers"]),
+        target_layer_ids=list(dflash["target_layer_ids"]),
+        mask_token_id=dflash.get("mask_token_id"),
+        **_native_fields(config),
+    )
 
 
 def _dflash_field(config: dict, name: str):
@@ -122,14 +151,20 @@ def _refuse_unsupported(fmt: str, config: dict, specific: list[tuple[str, bool]]
     rope = config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or rope.get("type") or (config.get("rope_parameters") or {}).get("rope_type")
     layer_types = config.get("layer_types") or []
-    common = [("attention_bias", bool(config.get("attention_bias"))),
-              (f"rope scaling ({rope_type})", rope_type not in (None, "default")),
-              ("sliding-window attention", bool(config.get("use_sliding_window"))
-               or any(t != "full_attention" for t in layer_types))]
+    common = [
+        ("attention_bias", bool(config.get("attention_bias"))),
+        (f"rope scaling ({rope_type})", rope_type not in (None, "default")),
+        (
+            "sliding-window attention",
+            bool(config.get("use_sliding_window")) or any(t != "full_attention" for t in layer_types),
+        ),
+    ]
     used = [name for name, present in common + specific if present]
     if used:
-        raise ValueError(f"this {fmt} checkpoint uses {', '.join(used)}, which our drafters do not compute; "
-                         "importing it would change what it drafts, so it is refused")
+        raise ValueError(
+            f"this {fmt} checkpoint uses {', '.join(used)}, which our drafters do not compute; "
+            "importing it would change what it drafts, so it is refused"
+        )
 
 
 def _eagle3_name(ours: str) -> str:
@@ -137,7 +172,9 @@ def _eagle3_name(ours: str) -> str:
     if not ours.startswith("layer."):
         return ours
     rest = ours.removeprefix("layer.")
-    return "midlayer." + ("self_attn." + rest if rest.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else rest)
+    return "midlayer." + (
+        "self_attn." + rest if rest.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj") else rest
+    )
 
 
 def to_eagle3(cfg: DrafterConfig, state: State, max_positions: int) -> tuple[dict, State]:
@@ -147,7 +184,9 @@ def to_eagle3(cfg: DrafterConfig, state: State, max_positions: int) -> tuple[dic
     draft_to_target = state["d2t"]
     device = draft_to_target.device  # meta tensors too: `load_drafter` derives expected shapes from them
     config = {
-        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "num_hidden_layers": 1,
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "num_hidden_layers": 1,
         "draft_vocab_size": int(draft_to_target.numel()),
         # SGLang reads eagle_config's ids as layer outputs (it adds 1); vLLM reads the top-level ids
         # as layer inputs (eagle3_utils adds 1 to DFlash's ids to get them). Same layers, both spelled.
@@ -163,8 +202,9 @@ def to_eagle3(cfg: DrafterConfig, state: State, max_positions: int) -> tuple[dic
     return config, out
 
 
-def from_eagle3(config: dict, state: State, block_size: int, num_target_layers: int | None = None
-                ) -> tuple[DrafterConfig, State]:
+def from_eagle3(
+    config: dict, state: State, block_size: int, num_target_layers: int | None = None
+) -> tuple[DrafterConfig, State]:
     """The inverse of `to_eagle3` (also reads SpecForge's and vLLM's EAGLE-3 drafts); the format has no block size
     (a server flag), so it is given, and the target's depth gives the servers' default feature layers. Tensor
     names and shapes are checked by `load_drafter`, which knows the target."""
@@ -179,17 +219,30 @@ def _eagle3_state(state: State) -> State:
 
 
 def _eagle3_config(config: dict, block_size: int, num_target_layers: int | None) -> DrafterConfig:
-    _refuse_unsupported("EAGLE-3", config, [
-        ("norm_before_residual", bool(config.get("norm_before_residual"))),
-        ("a target_hidden_size other than hidden_size",
-         config.get("target_hidden_size") not in (None, config.get("hidden_size"))),
-        (f"{config.get('num_hidden_layers')} decoder layers (EAGLE-3 has 1)",
-         int(config.get("num_hidden_layers", 1)) != 1)])
+    _refuse_unsupported(
+        "EAGLE-3",
+        config,
+        [
+            ("norm_before_residual", bool(config.get("norm_before_residual"))),
+            (
+                "a target_hidden_size other than hidden_size",
+                config.get("target_hidden_size") not in (None, config.get("hidden_size")),
+            ),
+            (
+                f"{config.get('num_hidden_layers')} decoder layers (EAGLE-3 has 1)",
+                int(config.get("num_hidden_layers", 1)) != 1,
+            ),
+        ],
+    )
     draft_vocab = int(config.get("draft_vocab_size") or config["vocab_size"])
-    return DrafterConfig(kind="eagle3", block_size=block_size, num_layers=1,
-                         target_layer_ids=_eagle3_layer_ids(config, num_target_layers),
-                         draft_vocab_size=None if draft_vocab == int(config["vocab_size"]) else draft_vocab,
-                         **_native_fields(config))
+    return DrafterConfig(
+        kind="eagle3",
+        block_size=block_size,
+        num_layers=1,
+        target_layer_ids=_eagle3_layer_ids(config, num_target_layers),
+        draft_vocab_size=None if draft_vocab == int(config["vocab_size"]) else draft_vocab,
+        **_native_fields(config),
+    )
 
 
 def _eagle3_layer_ids(config: dict, num_target_layers: int | None) -> list[int]:
@@ -202,14 +255,26 @@ def _eagle3_layer_ids(config: dict, num_target_layers: int | None) -> list[int]:
     if vllm:
         return [i - 1 for i in vllm]
     if num_target_layers is None:
-        raise ValueError("no eagle_aux_hidden_state_layer_ids in this EAGLE-3 config and no target depth for the "
-                         "servers' default: the target layers it reads are unknown")
+        raise ValueError(
+            "no eagle_aux_hidden_state_layer_ids in this EAGLE-3 config and no target depth for the "
+            "servers' default: the target layers it reads are unknown"
+        )
     return default_layer_ids("eagle3", num_target_layers, 1)
 
 
 def _eagle3_native_names() -> list[str]:
-    layer = ["input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    layer = [
+        "input_layernorm",
+        "hidden_norm",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     return ["fc.weight", "norm.weight", "lm_head.weight"] + [f"layer.{name}.weight" for name in layer]
 
 
@@ -219,14 +284,17 @@ def checkpoint_format(config: dict) -> str:
         return NATIVE
     known = [ARCHITECTURES[name] for name in config.get("architectures") or [] if name in ARCHITECTURES]
     if not known:
-        raise ValueError(f"config.json names architectures {config.get('architectures')}, not a draft this repository "
-                         "reads: pass one saved by draft-opd train/export, a z-lab DFlashDraftModel or an EAGLE-3 "
-                         "LlamaForCausalLMEagle3 (SpecForge, vLLM) checkpoint")
+        raise ValueError(
+            f"config.json names architectures {config.get('architectures')}, not a draft this repository "
+            "reads: pass one saved by draft-opd train/export, a z-lab DFlashDraftModel or an EAGLE-3 "
+            "LlamaForCausalLMEagle3 (SpecForge, vLLM) checkpoint"
+        )
     return known[0]
 
 
-def to_format(fmt: str, cfg: DrafterConfig, state: State, num_target_layers: int, max_positions: int
-              ) -> tuple[dict, State]:
+def to_format(
+    fmt: str, cfg: DrafterConfig, state: State, num_target_layers: int, max_positions: int
+) -> tuple[dict, State]:
     """Our drafter as a checkpoint of `fmt` (NATIVE: as `Drafter.save` writes it)."""
     if fmt == NATIVE:
         return native_config(cfg), dict(state)
@@ -247,8 +315,9 @@ def format_config(fmt: str, config: dict, num_target_layers: int, block_size: in
     return replace(cfg, block_size=block_size) if block_size else cfg
 
 
-def from_format(fmt: str, config: dict, state: State, num_target_layers: int, block_size: int | None = None
-                ) -> tuple[DrafterConfig, State]:
+def from_format(
+    fmt: str, config: dict, state: State, num_target_layers: int, block_size: int | None = None
+) -> tuple[DrafterConfig, State]:
     """A checkpoint of `fmt` as our drafter (config as `format_config`, weights in our names)."""
     cfg = format_config(fmt, config, num_target_layers, block_size)
     return cfg, (_eagle3_state(state) if fmt == "eagle3" else dict(state))
@@ -256,8 +325,13 @@ def from_format(fmt: str, config: dict, state: State, num_target_layers: int, bl
 
 def _native_fields(config: dict) -> dict:
     rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
-    return {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"]),
-            "num_heads": int(config["num_attention_heads"]), "num_kv_heads": int(config["num_key_value_heads"]),
-            "head_dim": int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
-            "vocab_size": int(config["vocab_size"]), "rms_norm_eps": float(config["rms_norm_eps"]),
-            "rope_theta": float(rope)}
+    return {
+        "hidden_size": int(config["hidden_size"]),
+        "intermediate_size": int(config["intermediate_size"]),
+        "num_heads": int(config["num_attention_heads"]),
+        "num_kv_heads": int(config["num_key_value_heads"]),
+        "head_dim": int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
+        "vocab_size": int(config["vocab_size"]),
+        "rms_norm_eps": float(config["rms_norm_eps"]),
+        "rope_theta": float(rope),
+    }

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [T, head_dim] for absolute `positions` (the HF "rotate_half" layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
@@ -36,8 +37,9 @@ class SwiGLU(nn.Module):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """q: [Hq, Tq, D], k/v: [Hkv, Tk, D] (grouped-query), mask: bool [Tq, Tk] (True = visible) or None."""
-    out = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-                                         enable_gqa=q.shape[0] != k.shape[0])
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0]
+    )
     return out[0]
 
 

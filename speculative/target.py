@@ -8,15 +8,13 @@ so that a verify pass serves both the acceptance test and the drafter's next con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
-
-class TargetNotFoundError(FileNotFoundError):
-    """The target could not be found locally nor fetched from the hub."""
+from draft_opd.speculative.pretrained import load_pretrained
+from draft_opd.speculative.testbeds import load_testbed
 
 
 @dataclass
@@ -79,8 +77,14 @@ class Target:
     hidden state (the convention of DFlash and EAGLE-3: `hidden_states[layer + 1]`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
-                 feature_layers: list[int] | None = None, thinking: bool = True, pretranspose: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        feature_layers: list[int] | None = None,
+        thinking: bool = True,
+        pretranspose: bool | None = None,
+    ):
         model.eval().requires_grad_(False)
         self.model = model
         self.tokenizer = tokenizer
@@ -103,8 +107,10 @@ class Target:
     def set_feature_layers(self, layers: list[int]) -> None:
         bad = [i for i in layers if not 0 <= i < self.num_layers - 1]
         if bad:
-            raise ValueError(f"feature layers {bad} out of range for a {self.num_layers}-layer target "
-                             f"(use 0..{self.num_layers - 2}; the last layer's output is normalised)")
+            raise ValueError(
+                f"feature layers {bad} out of range for a {self.num_layers}-layer target "
+                f"(use 0..{self.num_layers - 2}; the last layer's output is normalised)"
+            )
         self.feature_layers = list(layers)
 
     @property
@@ -119,8 +125,9 @@ class Target:
         return DynamicCache(config=self.config)
 
     @torch.no_grad()  # not inference_mode: the learner feeds these features into a graph
-    def forward(self, input_ids: torch.Tensor, start: int, cache: DynamicCache | None,
-                with_features: bool = True) -> TargetOutput:
+    def forward(
+        self, input_ids: torch.Tensor, start: int, cache: DynamicCache | None, with_features: bool = True
+    ) -> TargetOutput:
         """Run `input_ids` ([T] or [1, T]) at positions start..start+T-1 on top of `cache`."""
         ids = input_ids.view(1, -1)
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
@@ -128,16 +135,29 @@ class Target:
         return TargetOutput(logits=out.logits[0], features=out.features[0])
 
     @torch.no_grad()
-    def forward_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: DynamicCache | None,
-                      visible: torch.Tensor | None, with_features: bool = True) -> TargetOutput:
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None,
+        visible: torch.Tensor | None,
+        with_features: bool = True,
+    ) -> TargetOutput:
         """Run rows `input_ids` [B, T] at `positions` [B, T]; `visible` [B, 1, T, cached + T] (True = attend)
         replaces the causal mask, so rows of a shared cache can hold different lengths. Outputs [B, T, ...]."""
         want_hidden = with_features and bool(self.feature_layers)
         if visible is not None and self.config._attn_implementation != "sdpa":  # eager and others add a bias
             visible = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill(
-                ~visible, torch.finfo(self.dtype).min)
-        out = self.decoder(input_ids=input_ids, position_ids=positions, attention_mask=visible, cache=cache,
-                           use_cache=cache is not None, output_hidden_states=want_hidden)
+                ~visible, torch.finfo(self.dtype).min
+            )
+        out = self.decoder(
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=visible,
+            cache=cache,
+            use_cache=cache is not None,
+            output_hidden_states=want_hidden,
+        )
         logits = self.lm_head(out.last_hidden_state).float()
         if want_hidden:
             features = torch.cat([out.hidden_states[i + 1] for i in self.feature_layers], dim=-1)
@@ -149,8 +169,11 @@ class Target:
         ids: set[int] = set()
         eos = getattr(self.config, "eos_token_id", None)
         gen = getattr(self.model, "generation_config", None)
-        for value in (eos, getattr(gen, "eos_token_id", None),
-                      getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None):
+        for value in (
+            eos,
+            getattr(gen, "eos_token_id", None),
+            getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None,
+        ):
             if isinstance(value, int):
                 ids.add(value)
             elif value:
@@ -165,52 +188,8 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         cache.crop(-remove)
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
-
-def _missing_target(source: str, cause: Exception) -> TargetNotFoundError:
-    return TargetNotFoundError(
-        f"cannot load target {source!r}: {cause.__class__.__name__}: {(str(cause).splitlines() or [''])[0]}\n"
-        "Fix: set target.path to a local model directory (config.json + weights), a .gguf file, or a hub id "
-        "that is cached or reachable (HF_HUB_OFFLINE=1 uses the local cache only); for the built-in testbeds "
-        "set target.testbed=tiny or target.testbed=smol (prepare smol once with `make smol`).")
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else the user meant as a path."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
-
-
-def load_pretrained(path: str, gguf_file: str | None = None, dtype: str = "float32"
-                    ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a directory, a hub id, or a GGUF file."""
-    source = str(Path(path).expanduser()) if _looks_like_path(str(path)) else str(path)
-    if gguf_file is None and source.endswith(".gguf"):
-        source, gguf_file = str(Path(source).parent), Path(source).name
-    missing = Path(source) / gguf_file if gguf_file else Path(source)
-    if _looks_like_path(str(path)) and not missing.exists():
-        raise _missing_target(str(path), FileNotFoundError(f"no such file or directory: {missing}"))
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype), **kwargs)
-    except (OSError, ValueError) as err:
-        raise _missing_target(str(path), err) from err
-    return model, tokenizer
-
-
 def load_target(cfg: TargetConfig, feature_layers: list[int] | None = None) -> Target:
     """Build the frozen target of a config: a testbed by name, or a pretrained model."""
-    from speculative.testbeds import load_testbed
-
     layers = list(feature_layers or [])
     if cfg.testbed:
         model, tokenizer = load_testbed(cfg.testbed, dtype=cfg.dtype)

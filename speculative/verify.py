@@ -20,8 +20,9 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[int
     return accepted, posterior[accepted]
 
 
-def verify_sampling(draft: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
-                    generator: torch.Generator | None = None) -> tuple[int, torch.Tensor]:
+def verify_sampling(
+    draft: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[int, torch.Tensor]:
     """T > 0: accept x with probability min(1, p(x)/q(x)); at the first rejection resample from
     normalize(max(0, p - q)); if all are accepted, sample the bonus from p. Exact in distribution."""
     n = draft.shape[0]

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from speculative.batch_decode import append_row, block_mask, generate_batch, keep_committed
-from speculative.decode import DecodeConfig, DecodeResult, generate
-from speculative.target import Target
-from speculative.testbeds import tiny_model
+from draft_opd.speculative.batch_decode import append_row, block_mask, generate_batch, keep_committed
+from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
+from draft_opd.speculative.target import Target
+from draft_opd.speculative.testbeds import tiny_model
 from tests.conftest import make_drafter
 from tests.test_decode import PartlyRightDrafter, prompt_of
 from tests.test_sampling import exact_two_token_distribution, fit_pvalue
@@ -29,8 +29,9 @@ def close(a, b) -> None:
 def assert_same_records(batched: DecodeResult, alone: DecodeResult) -> None:
     assert batched.tokens == alone.tokens and batched.prompt_len == alone.prompt_len
     assert batched.stopped == alone.stopped
-    assert ([(s.anchor, s.draft_tokens, s.accept_len, s.topk_ids) for s in batched.steps]
-            == [(s.anchor, s.draft_tokens, s.accept_len, s.topk_ids) for s in alone.steps])
+    assert [(s.anchor, s.draft_tokens, s.accept_len, s.topk_ids) for s in batched.steps] == [
+        (s.anchor, s.draft_tokens, s.accept_len, s.topk_ids) for s in alone.steps
+    ]
     close(batched.committed_logprobs, alone.committed_logprobs)
     for b, a in zip(batched.steps, alone.steps):
         close(b.draft_logprobs, a.draft_logprobs)
@@ -90,8 +91,14 @@ def test_sampled_rows_equal_their_alone_decode_with_the_same_seed(tiny_target, k
     """Each row samples from its own generator in generate's order, so T > 0 rollouts repeat batch 1's."""
     prompts = [prompt_of(n, seed=n) for n in LENGTHS]
     cfg = DecodeConfig(max_new_tokens=24, temperature=0.8)
-    alone, batched = decode_both(tiny_target, prompts, make_drafter(tiny_target, kind, 5), cfg, batch_size=4,
-                                 seeds=list(range(10, 10 + len(prompts))))
+    alone, batched = decode_both(
+        tiny_target,
+        prompts,
+        make_drafter(tiny_target, kind, 5),
+        cfg,
+        batch_size=4,
+        seeds=list(range(10, 10 + len(prompts))),
+    )
     for row, spec in zip(batched, alone):
         assert_same_records(row, spec)
     assert len({tuple(r.response) for r in batched}) == len(prompts)

@@ -10,14 +10,28 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from buffer import (SCHEMA, BufferConfig, RateLimitTimeout, ReplayBuffer, ReplayBufferActor, SegmentWarning,
-                    Trajectory)
+from draft_opd.buffer import (
+    SCHEMA,
+    BufferConfig,
+    RateLimitTimeout,
+    ReplayBuffer,
+    ReplayBufferActor,
+    SegmentWarning,
+    Trajectory,
+)
 
 REJECTED_TOKEN = 900  # hand-built rejected proposals are 900+, committed tokens stay below
 
 
-def make_traj(traj_id: str, accept_lens: list[int], n_drafts: list[int] | None = None, prompt_len: int = 4,
-              version: int = 0, topk: int = 0, feature_dim: int = 0) -> Trajectory:
+def make_traj(
+    traj_id: str,
+    accept_lens: list[int],
+    n_drafts: list[int] | None = None,
+    prompt_len: int = 4,
+    version: int = 0,
+    topk: int = 0,
+    feature_dim: int = 0,
+) -> Trajectory:
     """A trajectory whose every number is traceable: committed tokens count up from 100, rejected
     proposals are 900+, log-probs encode (step, offset) or position."""
     n_drafts = n_drafts or [5] * len(accept_lens)
@@ -37,16 +51,38 @@ def make_traj(traj_id: str, accept_lens: list[int], n_drafts: list[int] | None =
         topk_lp = [-rng.random((n, topk)).astype(np.float32) for n in n_drafts]
     if feature_dim:
         features = rng.standard_normal((len(ids), feature_dim)).astype(np.float16)
-    return Trajectory(traj_id=traj_id, prompt_id=f"p-{traj_id}", draft_version=version, actor_id="actor-0",
-                      created_at=1_700_000_000.25, input_ids=ids, prompt_len=prompt_len, anchors=anchors,
-                      draft_tokens=drafts, accept_len=list(accept_lens),
-                      committed_logprobs=[-p / 8 for p in range(n_resp)], draft_logprobs=draft_lp,
-                      topk_ids=topk_ids, topk_logprobs=topk_lp, features=features)
+    return Trajectory(
+        traj_id=traj_id,
+        prompt_id=f"p-{traj_id}",
+        draft_version=version,
+        actor_id="actor-0",
+        created_at=1_700_000_000.25,
+        input_ids=ids,
+        prompt_len=prompt_len,
+        anchors=anchors,
+        draft_tokens=drafts,
+        accept_len=list(accept_lens),
+        committed_logprobs=[-p / 8 for p in range(n_resp)],
+        draft_logprobs=draft_lp,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_lp,
+        features=features,
+    )
 
 
 def assert_same(a: Trajectory, b: Trajectory) -> None:
-    for name in ("traj_id", "prompt_id", "draft_version", "actor_id", "created_at", "input_ids", "prompt_len",
-                 "anchors", "draft_tokens", "accept_len"):
+    for name in (
+        "traj_id",
+        "prompt_id",
+        "draft_version",
+        "actor_id",
+        "created_at",
+        "input_ids",
+        "prompt_len",
+        "anchors",
+        "draft_tokens",
+        "accept_len",
+    ):
         assert _py(getattr(a, name)) == _py(getattr(b, name)), name
     for name in ("committed_logprobs", "draft_logprobs", "topk_ids", "topk_logprobs"):
         x, y = getattr(a, name), getattr(b, name)
@@ -70,6 +106,7 @@ def segment_rows_on_disk(directory) -> int:
 
 
 # --- schema, idempotency, persistence -------------------------------------------------------
+
 
 def test_round_trip_is_lossless_in_memory_and_on_disk(tmp_path):
     traj = make_traj("t0", [0, 3, 5, 1], [5, 5, 5, 2], topk=3, feature_dim=6)
@@ -131,7 +168,7 @@ def _truncate(path):
 def _flip_bytes(path):
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     path.write_bytes(bytes(data))
 
 
@@ -143,12 +180,15 @@ def _garble_marker(path):
     path.with_suffix(".done").write_text("{not json")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_truncate, "truncated"),
-    (_flip_bytes, "corrupt"),
-    (_drop_marker, "no completion marker"),
-    (_garble_marker, "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_truncate, "truncated"),
+        (_flip_bytes, "corrupt"),
+        (_drop_marker, "no completion marker"),
+        (_garble_marker, "unreadable"),
+    ],
+)
 def test_damaged_segment_is_skipped_with_a_warning_and_the_rest_loads(tmp_path, damage, message):
     config = _three_sealed_segments(tmp_path)
     damage(tmp_path / "seg-000001.arrow")
@@ -173,20 +213,27 @@ def test_crash_before_sealing_loses_only_the_open_segment(tmp_path):
 
 # --- validation -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, change", [
-    ("committed_logprobs", lambda t: t.committed_logprobs.pop()),
-    ("draft_logprobs", lambda t: t.draft_logprobs[1].pop()),
-    ("accept_len", lambda t: t.accept_len.append(0)),
-    ("accept_len", lambda t: t.accept_len.__setitem__(0, 6)),
-    ("draft_tokens", lambda t: t.draft_tokens[1].__setitem__(0, 7)),  # an "accepted" token that was not committed
-    ("draft_tokens", lambda t: t.draft_tokens[0].__setitem__(2, t.input_ids[t.anchors[0] + 3])),  # rejected == bonus
-    ("anchors", lambda t: t.anchors.__setitem__(0, 0)),
-    ("anchors", lambda t: t.anchors.__setitem__(1, 2**31 - 1)),  # int32 anchor + accept_len must not wrap around
-    ("prompt_len", lambda t: setattr(t, "prompt_len", 0)),
-    ("input_ids", lambda t: t.input_ids.__setitem__(0, 1.5)),
-    ("features", lambda t: setattr(t, "features", np.zeros((3, 2), np.float32))),
-    ("features", lambda t: setattr(t, "features", np.zeros((3, 2), np.float16))),
-])
+
+@pytest.mark.parametrize(
+    "field, change",
+    [
+        ("committed_logprobs", lambda t: t.committed_logprobs.pop()),
+        ("draft_logprobs", lambda t: t.draft_logprobs[1].pop()),
+        ("accept_len", lambda t: t.accept_len.append(0)),
+        ("accept_len", lambda t: t.accept_len.__setitem__(0, 6)),
+        ("draft_tokens", lambda t: t.draft_tokens[1].__setitem__(0, 7)),  # an "accepted" token that was not committed
+        (
+            "draft_tokens",
+            lambda t: t.draft_tokens[0].__setitem__(2, t.input_ids[t.anchors[0] + 3]),
+        ),  # rejected == bonus
+        ("anchors", lambda t: t.anchors.__setitem__(0, 0)),
+        ("anchors", lambda t: t.anchors.__setitem__(1, 2**31 - 1)),  # int32 anchor + accept_len must not wrap around
+        ("prompt_len", lambda t: setattr(t, "prompt_len", 0)),
+        ("input_ids", lambda t: t.input_ids.__setitem__(0, 1.5)),
+        ("features", lambda t: setattr(t, "features", np.zeros((3, 2), np.float32))),
+        ("features", lambda t: setattr(t, "features", np.zeros((3, 2), np.float16))),
+    ],
+)
 def test_bad_trajectory_raises_value_error_naming_the_field(field, change):
     traj = make_traj("bad", [2, 1, 5])
     change(traj)
@@ -209,10 +256,13 @@ def test_insert_checks_schema_and_topk_against_config():
 
 # --- batched insert -------------------------------------------------------------------------
 
+
 def test_batch_insert_round_trips_and_is_idempotent_within_and_across_batches(tmp_path):
     config = BufferConfig(dir=str(tmp_path), segment_rows=4, topk=2)
-    trajs = {f"b{i}": make_traj(f"b{i}", [i % 3, 1, 4], [5, 3, 6], version=i, topk=2, feature_dim=3 * (i % 2))
-             for i in range(6)}
+    trajs = {
+        f"b{i}": make_traj(f"b{i}", [i % 3, 1, 4], [5, 3, 6], version=i, topk=2, feature_dim=3 * (i % 2))
+        for i in range(6)
+    }
     with ReplayBuffer(config) as buf:
         # insert_many: a list of Trajectory and RecordBatch items, "b1" twice inside the call
         assert buf.insert_many([trajs["b0"], trajs["b1"].to_record_batch(), trajs["b1"], trajs["b2"]]) == 3
@@ -285,13 +335,17 @@ def test_batch_larger_than_capacity_keeps_its_newest_rows(tmp_path):
 
 # --- rate limiter ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("settings, culprit", [
-    (dict(capacity=5, min_size_to_sample=6), "min_size_to_sample"),
-    (dict(samples_per_insert=8, ratio_tolerance=4), "ratio_tolerance"),
-    (dict(samples_per_insert=-1), "samples_per_insert"),
-    (dict(sample_policy="greedy"), "sample_policy"),
-    (dict(segment_rows=0), "segment_rows"),
-])
+
+@pytest.mark.parametrize(
+    "settings, culprit",
+    [
+        (dict(capacity=5, min_size_to_sample=6), "min_size_to_sample"),
+        (dict(samples_per_insert=8, ratio_tolerance=4), "ratio_tolerance"),
+        (dict(samples_per_insert=-1), "samples_per_insert"),
+        (dict(sample_policy="greedy"), "sample_policy"),
+        (dict(segment_rows=0), "segment_rows"),
+    ],
+)
 def test_configuration_that_could_deadlock_or_is_invalid_is_rejected(settings, culprit):
     with pytest.raises(ValueError, match=culprit):
         ReplayBuffer(BufferConfig(**settings))
@@ -382,13 +436,24 @@ def test_ratio_does_not_hold_inserts_back_while_everything_is_stale():
 
 # --- sampling -------------------------------------------------------------------------------
 
+
 def test_documented_convention_on_a_literal_trajectory():
     # prompt [10, 11]; step 0 proposes 20 21 22 from anchor 1, accepts 1, target's bonus is 30;
     # step 1 proposes 40 41 42 from anchor 3 and accepts all three, bonus 50 falls outside the block.
-    traj = Trajectory("lit", "p", 0, "a", 0.0, input_ids=[10, 11, 20, 30, 40, 41, 42, 50], prompt_len=2,
-                      anchors=[1, 3], draft_tokens=[[20, 21, 22], [40, 41, 42]], accept_len=[1, 3],
-                      committed_logprobs=[-.1, -.2, -.3, -.4, -.5, -.6],
-                      draft_logprobs=[[-.1, -5, -6], [-.3, -.4, -.5]])
+    traj = Trajectory(
+        "lit",
+        "p",
+        0,
+        "a",
+        0.0,
+        input_ids=[10, 11, 20, 30, 40, 41, 42, 50],
+        prompt_len=2,
+        anchors=[1, 3],
+        draft_tokens=[[20, 21, 22], [40, 41, 42]],
+        accept_len=[1, 3],
+        committed_logprobs=[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6],
+        draft_logprobs=[[-0.1, -5, -6], [-0.3, -0.4, -0.5]],
+    )
     buf = ReplayBuffer()
     buf.insert(traj)
     items = {item.step: item for item in (buf.sample(64).item(i) for i in range(64))}
@@ -398,7 +463,7 @@ def test_documented_convention_on_a_literal_trajectory():
     assert first.rejected_positions.tolist() == [3, 4] and first.rejected_tokens.tolist() == [21, 22]
     assert first.rejected_logprobs.tolist() == [-5, -6]
     assert (first.bonus_position, first.bonus_token) == (3, 30)
-    assert first.bonus_logprob == pytest.approx(-.2)
+    assert first.bonus_logprob == pytest.approx(-0.2)
     assert second.accepted_positions.tolist() == [4, 5, 6] and second.rejected_positions.tolist() == []
     assert second.bonus_position is None
 
@@ -422,7 +487,8 @@ def test_every_sampled_item_matches_the_recorded_accepts_and_rejections():
         assert item.accepted_positions.tolist() == (anchor + 1 + offsets[:accept]).tolist()
         assert item.accepted_tokens.tolist() == drafts[:accept]
         assert item.accepted_logprobs.tolist() == pytest.approx(
-            [traj.committed_logprobs[p - traj.prompt_len] for p in item.accepted_positions])
+            [traj.committed_logprobs[p - traj.prompt_len] for p in item.accepted_positions]
+        )
         assert item.rejected_positions.tolist() == (anchor + 1 + offsets[accept:]).tolist()
         assert item.rejected_tokens.tolist() == drafts[accept:]
         assert all(t >= REJECTED_TOKEN for t in item.rejected_tokens)
@@ -509,6 +575,7 @@ def test_capacity_evicts_the_oldest_and_their_segments(tmp_path):
 
 
 # --- Ray ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ray_local():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config
-from learner.engine import deepspeed_config
+from draft_opd.launch.config import ConfigError, load_config
+from draft_opd.learner.engine import deepspeed_config
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -18,21 +18,26 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_apply_in_order_and_draft_is_a_path_shorthand():
-    cfg = load_config("configs/smol.yaml", ["eval.benchmarks=[gsm8k,humaneval]", "eval.num_prompts=4",
-                                            "draft=/models/my-draft", "draft.block_size=8"])
+    cfg = load_config(
+        "configs/smol.yaml",
+        ["eval.benchmarks=[gsm8k,humaneval]", "eval.num_prompts=4", "draft=/models/my-draft", "draft.block_size=8"],
+    )
     assert cfg.eval.benchmarks == ["gsm8k", "humaneval"] and cfg.eval.num_prompts == 4
     assert cfg.draft.path == "/models/my-draft" and cfg.draft.block_size == 8
     assert cfg.draft.mask_token_id == 16  # from the file
 
 
-@pytest.mark.parametrize("override, message", [
-    ("eval.num_prompt=3", "did you mean 'eval.num_prompts'"),
-    ("trget.testbed=tiny", "did you mean 'target'"),
-    ("eval.num_prompts=many", "could not be converted"),
-    ("draft.block_size=0", "block_size must be >= 1"),
-    ("data.gsm8kk=/tmp/x.jsonl", "did you mean data.gsm8k"),
-    ("eval.num_prompts", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.num_prompt=3", "did you mean 'eval.num_prompts'"),
+        ("trget.testbed=tiny", "did you mean 'target'"),
+        ("eval.num_prompts=many", "could not be converted"),
+        ("draft.block_size=0", "block_size must be >= 1"),
+        ("data.gsm8kk=/tmp/x.jsonl", "did you mean data.gsm8k"),
+        ("eval.num_prompts", "is not key=value"),
+    ],
+)
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", [override])
@@ -44,8 +49,11 @@ def test_missing_config_file():
 
 
 def test_opd_from_a_random_draft_without_sft_is_refused_unless_asked_for():
-    with pytest.raises(ConfigError, match=r"train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD "
-                                          r"from a random draft.*pass draft=PATH.*train.allow_random_init_opd=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.opd_steps > 0 with train.sft_steps=0 and no draft.path starts OPD "
+        r"from a random draft.*pass draft=PATH.*train.allow_random_init_opd=true",
+    ):
         load_config("configs/tiny.yaml", ["train.sft_steps=0"])
     for allowed in (["train.allow_random_init_opd=true"], ["draft=/models/sft-draft"], ["train.opd_steps=0"]):
         assert load_config("configs/tiny.yaml", ["train.sft_steps=0", *allowed]).train.sft_steps == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.datasets import (
+from draft_opd.prompts.sets import (
     BENCHMARKS,
     DATA_ENV,
     MATH_SUFFIX,
@@ -83,8 +83,7 @@ def test_mbpp_splits_follow_task_id_ranges():
 
 
 def test_mbpp_prompt_carries_task_and_assertions():
-    raw = next(r for r in json.loads((default_data_dir() / "mbpp_sanitized.json").read_text())
-               if r["task_id"] == 11)
+    raw = next(r for r in json.loads((default_data_dir() / "mbpp_sanitized.json").read_text()) if r["task_id"] == 11)
     first = load_benchmark("mbpp")[0]
     tests = "\n".join(raw["test_list"])
     assert first.turns == [f"{raw['prompt']}\nYour code should pass these tests:\n{tests}"]
@@ -107,7 +106,9 @@ def test_code_alpaca_appends_input_only_when_present():
 def test_math500_fixture():
     loaded = load_benchmark("math500", FIXTURES / "math500.jsonl")
     assert [c.id for c in loaded] == [
-        "test/number_theory/1001.json", "test/counting_and_probability/117.json", "test/algebra/2050.json",
+        "test/number_theory/1001.json",
+        "test/counting_and_probability/117.json",
+        "test/algebra/2050.json",
     ]
     assert loaded[1].turns == ["Compute $\\dbinom{10}{4}$." + MATH_SUFFIX]
     assert loaded[1].category == "Counting & Probability"
@@ -153,10 +154,14 @@ def test_json_list_and_jsonl_give_the_same_conversations(tmp_path):
     as_list = tmp_path / "named_like_lines.jsonl"
     as_list.write_text("  \n" + json.dumps(rows, indent=2))
     as_lines = write_jsonl(tmp_path / "named_like_list.json", rows)
-    assert load_benchmark("gsm8k", as_list) == load_benchmark("gsm8k", as_lines) == [
-        Conversation("0", "gsm8k", ["What is 2 + 3?" + MATH_SUFFIX], reference="5"),
-        Conversation("1", "gsm8k", ["Is 7 prime?" + MATH_SUFFIX]),
-    ]
+    assert (
+        load_benchmark("gsm8k", as_list)
+        == load_benchmark("gsm8k", as_lines)
+        == [
+            Conversation("0", "gsm8k", ["What is 2 + 3?" + MATH_SUFFIX], reference="5"),
+            Conversation("1", "gsm8k", ["Is 7 prime?" + MATH_SUFFIX]),
+        ]
+    )
 
 
 def test_num_prompts_takes_the_first_n():
@@ -178,8 +183,10 @@ def test_data_dir_override_by_environment(tmp_path, monkeypatch):
 def test_benchmarks_are_the_papers_sets_in_order_and_all_loadable():
     assert BENCHMARKS == ("gsm8k", "math500", "aime", "mbpp", "humaneval", "swe_lite", "mt_bench")
     fixture = {
-        "math500": "math500.jsonl", "aime": "aime.jsonl",
-        "swe_lite": "swe_lite.jsonl", "mt_bench": "mt_bench_question.jsonl",
+        "math500": "math500.jsonl",
+        "aime": "aime.jsonl",
+        "swe_lite": "swe_lite.jsonl",
+        "mt_bench": "mt_bench_question.jsonl",
     }
     for name in BENCHMARKS:
         path = FIXTURES / fixture[name] if name in fixture else None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from speculative.decode import DecodeConfig, DecodeResult, generate
+from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
 from tests.conftest import make_drafter
 
 
@@ -35,7 +35,7 @@ class PartlyRightDrafter:
         self.proposals.append((position, logits))
         reference, rng = self.sequences[id(state)]
         right = int(torch.randint(0, n + 1, (1,), generator=rng))
-        truth = torch.tensor(reference[position + 1: position + 1 + n], dtype=draft.dtype)
+        truth = torch.tensor(reference[position + 1 : position + 1 + n], dtype=draft.dtype)
         draft = draft.clone()
         draft[: min(right, truth.numel())] = truth[:right]
         return draft, logits
@@ -97,15 +97,16 @@ def test_step_records_match_a_full_target_pass(tiny_target):
     torch.testing.assert_close(torch.tensor(spec.committed_logprobs), expected, atol=1e-4, rtol=1e-4)
     for step in spec.steps:
         a, n = step.anchor, len(step.draft_tokens)
-        assert step.draft_tokens[: step.accept_len] == spec.tokens[a + 1: a + 1 + step.accept_len]
+        assert step.draft_tokens[: step.accept_len] == spec.tokens[a + 1 : a + 1 + step.accept_len]
         if step.accept_len < n and a + 1 + step.accept_len < len(spec.tokens):
             assert step.draft_tokens[step.accept_len] != spec.tokens[a + 1 + step.accept_len]
         # proposal j is scored given the anchor and proposals before it, as the verify pass saw them
         block = torch.tensor(spec.tokens[: a + 1] + step.draft_tokens)
         block_logp = torch.log_softmax(tiny_target.forward(block, 0, None).logits, -1)
         rows = torch.arange(a, a + n)
-        torch.testing.assert_close(torch.tensor(step.draft_logprobs),
-                                   block_logp[rows, torch.tensor(step.draft_tokens)], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(step.draft_logprobs), block_logp[rows, torch.tensor(step.draft_tokens)], atol=1e-4, rtol=1e-4
+        )
         assert step.topk_ids[0] == logp[a].topk(3).indices.tolist()
     assert sum(s.accept_len + 1 for s in spec.steps) == spec.num_new_tokens - 1
 

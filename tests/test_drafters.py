@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from speculative.decode import DecodeConfig, generate
-from speculative.drafter import DrafterConfig, build_drafter, default_layer_ids, load_drafter
+from draft_opd.speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.drafter import DrafterConfig, default_layer_ids
+from draft_opd.speculative.loading import build_drafter, load_drafter
 from tests.conftest import make_drafter
 
 
@@ -62,8 +63,8 @@ def test_loading_a_missing_drafter_names_the_files(tiny_target, tmp_path):
 
 
 def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
-    from speculative.target import Target
-    from speculative.testbeds import tiny_model
+    from draft_opd.speculative.target import Target
+    from draft_opd.speculative.testbeds import tiny_model
 
     make_drafter(tiny_target, "eagle3", 4).save(tmp_path)
     other = Target(tiny_model(hidden_size=32, head_dim=8), None, [0, 1, 2])

@@ -4,17 +4,25 @@ import json
 
 import pytest
 
-from benchmarks.chat import render_prompt
-from benchmarks.datasets import load_benchmark
-from benchmarks.protocol import TurnResult, run_conversation, summarize
-from launch.cli import main
-from speculative.decode import DecodeConfig, generate
+from draft_opd.evaluation.protocol import TurnResult, run_conversation, summarize
+from draft_opd.launch.cli import main
+from draft_opd.prompts.chat import render_prompt
+from draft_opd.prompts.sets import load_benchmark
+from draft_opd.speculative.decode import DecodeConfig, generate
 from tests.conftest import make_drafter
 
 
 def turn(taus, tpot_plain, tpot_spec, lossless=True):
-    return TurnResult(conversation="c", turn=0, prompt_tokens=5, new_tokens=sum(taus) or 4, lossless=lossless,
-                      tpot_plain=tpot_plain, tpot_spec=tpot_spec, taus=taus)
+    return TurnResult(
+        conversation="c",
+        turn=0,
+        prompt_tokens=5,
+        new_tokens=sum(taus) or 4,
+        lossless=lossless,
+        tpot_plain=tpot_plain,
+        tpot_spec=tpot_spec,
+        taus=taus,
+    )
 
 
 def test_summary_reports_both_tau_conventions_and_the_tpot_ratio():
@@ -40,8 +48,15 @@ def test_mt_bench_later_turns_include_the_targets_own_answers(tiny_target):
     tok = tiny_target.tokenizer
     first = render_prompt(tok, [{"role": "user", "content": conv.turns[0]}], False)
     answer = tok.decode(generate(tiny_target, first, None, cfg).response, skip_special_tokens=True)
-    second = render_prompt(tok, [{"role": "user", "content": conv.turns[0]}, {"role": "assistant", "content": answer},
-                                 {"role": "user", "content": conv.turns[1]}], False)
+    second = render_prompt(
+        tok,
+        [
+            {"role": "user", "content": conv.turns[0]},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": conv.turns[1]},
+        ],
+        False,
+    )
     assert results[0].prompt_tokens == len(first) and results[1].prompt_tokens == len(second)
     assert all(r.lossless for r in results)
 
@@ -56,9 +71,19 @@ def test_thinking_switch_reaches_the_chat_template(tiny_target):
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
 def test_eval_command_writes_a_lossless_report(tmp_path, kind, capsys):
     out = tmp_path / "report.json"
-    main(["eval", "configs/tiny.yaml", "eval.benchmarks=[gsm8k,humaneval]", "eval.num_prompts=2",
-          "eval.max_new_tokens=16", f"draft.kind={kind}", "draft.init=random", "draft.num_layers=1",
-          f"eval.out={out}"])
+    main(
+        [
+            "eval",
+            "configs/tiny.yaml",
+            "eval.benchmarks=[gsm8k,humaneval]",
+            "eval.num_prompts=2",
+            "eval.max_new_tokens=16",
+            f"draft.kind={kind}",
+            "draft.init=random",
+            "draft.num_layers=1",
+            f"eval.out={out}",
+        ]
+    )
     report = json.loads(out.read_text())
     rows = {s["benchmark"]: s for s in report["summaries"]}
     assert set(rows) == {"gsm8k", "humaneval"}

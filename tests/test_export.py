@@ -6,15 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.chat import render_prompt
-from benchmarks.datasets import load_benchmark
-from launch.cli import main
-from launch.config import load_config, to_yaml
-from launch.eval import run_eval
-from launch.export import export
-from speculative.decode import DecodeConfig, generate
-from speculative.drafter import DrafterConfig, build_drafter, drafter_class
-from speculative.formats import from_dflash, from_eagle3
+from draft_opd.launch.cli import main
+from draft_opd.launch.config import load_config, to_yaml
+from draft_opd.launch.eval import run_eval
+from draft_opd.launch.export import export
+from draft_opd.prompts.chat import render_prompt
+from draft_opd.prompts.sets import load_benchmark
+from draft_opd.speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.drafter import DrafterConfig
+from draft_opd.speculative.formats import from_dflash, from_eagle3
+from draft_opd.speculative.loading import build_drafter, drafter_class
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 TAU_BEFORE, TAU_AFTER = 1.0123, 1.4567
@@ -23,9 +24,14 @@ DRAFT_VOCAB = 200
 
 
 def tiny_draft(target, kind: str, layers: list[int], draft_vocab: list[int] | None = None):
-    cfg = DrafterConfig(kind=kind, block_size=8, num_layers=2 if kind == "dflash" else 1, target_layer_ids=layers,
-                        mask_token_id=TINY_MASK if kind == "dflash" else None,
-                        draft_vocab_size=len(draft_vocab) if draft_vocab else None)
+    cfg = DrafterConfig(
+        kind=kind,
+        block_size=8,
+        num_layers=2 if kind == "dflash" else 1,
+        target_layer_ids=layers,
+        mask_token_id=TINY_MASK if kind == "dflash" else None,
+        draft_vocab_size=len(draft_vocab) if draft_vocab else None,
+    )
     drafter = build_drafter(cfg, target, seed=5)
     if draft_vocab:
         drafter.d2t.copy_(torch.tensor(draft_vocab))
@@ -43,7 +49,7 @@ def trained(target, kind: str, steps: int = 30):
         texts.append((tokens, target.forward(tokens, 0, None).features, len(prompt)))
     used = torch.cat([t for t, _, _ in texts]).unique()
     rest = torch.tensor(sorted(set(range(VOCAB)) - set(used.tolist())))
-    vocab = torch.cat([used, rest[:DRAFT_VOCAB - len(used)]])
+    vocab = torch.cat([used, rest[: DRAFT_VOCAB - len(used)]])
     vocab = vocab[torch.randperm(DRAFT_VOCAB, generator=torch.Generator().manual_seed(0))].tolist()
     drafter = tiny_draft(target, kind, TINY_FEATURE_LAYERS, vocab if kind == "eagle3" else None).train()
     optimizer, width = torch.optim.Adam(drafter.parameters(), lr=3e-3), 7
@@ -70,10 +76,12 @@ def make_run(root, drafter):
     (run / "draft").mkdir(parents=True)
     overrides = [f"draft.kind={kind}", f"draft.num_layers={drafter.cfg.num_layers}", "name=tiny-export"]
     (run / "config.yaml").write_text(to_yaml(load_config("configs/tiny.yaml", overrides)))
-    records = [{"step": 0, "phase": "init", "eval_tau": TAU_BEFORE, "draft_version": 0},
-               {"step": 1, "phase": "sft", "loss": 3.2, "tau": 1.0, "draft_version": 0},
-               {"step": 2, "phase": "opd", "loss": 1.1, "tau": 1.3, "draft_version": 1},
-               {"step": 2, "phase": "final", "eval_tau": TAU_AFTER, "draft_version": 1}]
+    records = [
+        {"step": 0, "phase": "init", "eval_tau": TAU_BEFORE, "draft_version": 0},
+        {"step": 1, "phase": "sft", "loss": 3.2, "tau": 1.0, "draft_version": 0},
+        {"step": 2, "phase": "opd", "loss": 1.1, "tau": 1.3, "draft_version": 1},
+        {"step": 2, "phase": "final", "eval_tau": TAU_AFTER, "draft_version": 1},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"tau_before": TAU_BEFORE, "tau_after": TAU_AFTER, "steps": 2, "draft": str(run / "draft"), "wall_s": 9.0}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -107,9 +115,18 @@ def test_exported_draft_gives_the_runs_tau_on_the_same_prompts(exported, tmp_pat
     reports = {}
     for name, draft in (("run", run / "draft"), ("export", result.out_dir)):
         reports[name] = tmp_path / f"{name}.json"
-        run_eval(load_config(result.out_dir / "training_config.yaml",
-                             [f"draft={draft}", "eval.num_prompts=2", "eval.max_new_tokens=16",
-                              "eval.warmup_tokens=0", f"eval.out={reports[name]}"]))
+        run_eval(
+            load_config(
+                result.out_dir / "training_config.yaml",
+                [
+                    f"draft={draft}",
+                    "eval.num_prompts=2",
+                    "eval.max_new_tokens=16",
+                    "eval.warmup_tokens=0",
+                    f"eval.out={reports[name]}",
+                ],
+            )
+        )
     ours, theirs = (json.loads(reports[n].read_text()) for n in ("run", "export"))
     taus = [t["taus"] for t in ours["turns"]["gsm8k"]]
     assert taus == [t["taus"] for t in theirs["turns"]["gsm8k"]] and max(max(t) for t in taus) > 1
@@ -121,10 +138,17 @@ def expected_tensors(kind: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]
     """Names and shapes the serving loaders read, taken from their sources, not from speculative/formats.py."""
     f32 = torch.float32
     attn_in = 2 * H if kind == "eagle3" else H  # EAGLE-3 attends over concat(embedding, hidden)
-    layer = {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-             "self_attn.q_proj.weight": (HEADS * HEAD_DIM, attn_in), "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, attn_in),
-             "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, attn_in), "self_attn.o_proj.weight": (H, HEADS * HEAD_DIM),
-             "mlp.gate_proj.weight": (INTER, H), "mlp.up_proj.weight": (INTER, H), "mlp.down_proj.weight": (H, INTER)}
+    layer = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (HEADS * HEAD_DIM, attn_in),
+        "self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, attn_in),
+        "self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, attn_in),
+        "self_attn.o_proj.weight": (H, HEADS * HEAD_DIM),
+        "mlp.gate_proj.weight": (INTER, H),
+        "mlp.up_proj.weight": (INTER, H),
+        "mlp.down_proj.weight": (H, INTER),
+    }
     if kind == "dflash":
         # z-lab/dflash dflash/model.py (DFlashDraftModel, Qwen3DFlashDecoderLayer, Qwen3DFlashAttention);
         # sgl-project/sglang python/sglang/srt/models/dflash.py load_weights reads the same names.
@@ -147,8 +171,14 @@ def test_serving_checkpoint_has_the_names_and_shapes_its_loaders_expect(exported
     tensors = load_file(str(result.out_dir / kind / "model.safetensors"))
     assert {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} == expected_tensors(kind)
     config = json.loads((result.out_dir / kind / "config.json").read_text())
-    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
-            config["vocab_size"], config["tie_word_embeddings"]) == (H, HEADS, KV_HEADS, HEAD_DIM, VOCAB, False)
+    assert (
+        config["hidden_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["vocab_size"],
+        config["tie_word_embeddings"],
+    ) == (H, HEADS, KV_HEADS, HEAD_DIM, VOCAB, False)
     if kind == "dflash":
         assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 8
         assert config["dflash_config"] == {"mask_token_id": TINY_MASK, "target_layer_ids": TINY_FEATURE_LAYERS}
@@ -176,13 +206,18 @@ def test_serving_format_maps_back_to_identical_logits(exported, tiny_target):
     original.load_state_dict(load_file(str(run / "draft" / "model.safetensors")))
     prompt = torch.tensor(list(range(40, 60)))
     features = tiny_target.forward(prompt, 0, None).features
-    pick = lambda x: x.argmax(-1)
+
+    def pick(x):
+        return x.argmax(-1)
+
     logits = [d.propose(d.begin(features, prompt), torch.tensor(7), len(prompt), 7, pick)[1] for d in (original, back)]
     assert torch.equal(*logits)
 
 
-@pytest.mark.parametrize("kind, layers, reason", [("dflash", [2, 0, 1], "not strictly ascending"),
-                                                  ("eagle3", [0, 2], "fuses 2 target layers")])
+@pytest.mark.parametrize(
+    "kind, layers, reason",
+    [("dflash", [2, 0, 1], "not strictly ascending"), ("eagle3", [0, 2], "fuses 2 target layers")],
+)
 def test_inexact_mapping_is_documented_not_written(tiny_target, tmp_path, kind, layers, reason):
     run = make_run(tmp_path, tiny_draft(tiny_target, kind, layers))
     result = export(run, tmp_path / "out")

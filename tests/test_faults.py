@@ -15,16 +15,15 @@ import psutil
 import pytest
 import ray
 
-from benchmarks.fault_injection import kill_tree, stream_gaps, wait_for, worker_pids
-from launch.config import load_config
-from launch.run_dir import RunDir
-from launch.train import train
+from draft_opd.faults.injection import kill_tree, stream_gaps, wait_for, worker_pids
+from draft_opd.launch.config import load_config
+from draft_opd.launch.run_dir import RunDir
+from draft_opd.launch.train import train
 from tests.test_train import SHORT_RUN
 
 pytestmark = pytest.mark.slow
 
-FAULT_RUN = SHORT_RUN + ["train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10",
-                         "train.eval_every=0"]
+FAULT_RUN = SHORT_RUN + ["train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10", "train.eval_every=0"]
 
 
 def run_in_thread(cfg) -> tuple[threading.Thread, dict]:
@@ -52,8 +51,9 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
         wait_for(lambda: RunDir(run_dir).last_step() >= 3, "step 3", running=thread.is_alive)
         [rollout_pid] = worker_pids("RolloutWorker", os.getpid())
         os.kill(rollout_pid, signal.SIGKILL)  # mid-rollout: the actor is always rolling out
-        wait_for(lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)",
-                 running=thread.is_alive)
+        wait_for(
+            lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive
+        )
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGKILL)
         thread.join(timeout=600)
@@ -67,7 +67,7 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
     assert faults == ["rollout actor died", "learner failed"], faults
     assert {r["step"] for r in log if r["phase"] in ("sft", "opd")} == set(range(1, 41))
     learner_fault = next(i for i, r in enumerate(log) if r.get("fault") == "learner failed")
-    steps_after_fault = [r["step"] for r in log[learner_fault + 1:] if r["phase"] in ("sft", "opd")]
+    steps_after_fault = [r["step"] for r in log[learner_fault + 1 :] if r["phase"] in ("sft", "opd")]
     assert steps_after_fault[0] == 11  # resumed from the checkpoint at step 10, not from scratch
     assert summary["tau_after"] > summary["tau_before"], summary
     held, missing = stream_gaps(run_dir, cfg)
@@ -75,13 +75,15 @@ def test_killed_rollout_actor_and_learner_recover_without_losing_trajectories(tm
 
 
 def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
-    cfg = load_config("configs/tiny.yaml", FAULT_RUN + [f"train.out_dir={tmp_path}", "learner.timeout_s=8",
-                                                        "train.wait_retries=1"])
+    cfg = load_config(
+        "configs/tiny.yaml", FAULT_RUN + [f"train.out_dir={tmp_path}", "learner.timeout_s=8", "train.wait_retries=1"]
+    )
     run_dir = tmp_path / "tiny"
     thread, summary = run_in_thread(cfg)
     try:
-        wait_for(lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)",
-                 running=thread.is_alive)
+        wait_for(
+            lambda: RunDir(run_dir).last_step() >= 12, "step 12 (after the checkpoint at 10)", running=thread.is_alive
+        )
         [learner_pid] = worker_pids("Learner", os.getpid())
         os.kill(learner_pid, signal.SIGSTOP)  # alive but silent: only a timeout can notice
         thread.join(timeout=600)
@@ -97,15 +99,25 @@ def test_hung_learner_is_reported_then_replaced_never_a_hang(tmp_path):
 
 def test_killed_job_resumes_from_its_checkpoint_without_repeating_or_skipping(tmp_path):
     """SIGKILL the whole job (driver, its Ray cluster and every worker), then run it again with resume=auto."""
-    args = [sys.executable, "-m", "launch.train", "configs/tiny.yaml", *FAULT_RUN, f"train.out_dir={tmp_path}"]
+    args = [
+        sys.executable,
+        "-m",
+        "draft_opd.launch.train",
+        "configs/tiny.yaml",
+        *FAULT_RUN,
+        f"train.out_dir={tmp_path}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run_dir = tmp_path / "tiny"
-    job = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step-0000010" / "state.json").exists()
-                 and RunDir(run_dir).last_step() >= 13, "step 13 (after the checkpoint at 10)",
-                 running=lambda: job.poll() is None)
+        wait_for(
+            lambda: (
+                (run_dir / "checkpoints" / "step-0000010" / "state.json").exists() and RunDir(run_dir).last_step() >= 13
+            ),
+            "step 13 (after the checkpoint at 10)",
+            running=lambda: job.poll() is None,
+        )
     finally:
         kill_tree(job.pid)
     killed_at = RunDir(run_dir).last_step()

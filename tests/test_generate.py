@@ -16,14 +16,14 @@ import pytest
 import torch
 from rich.console import Console
 
-from actors.prompts import load_prompts
-from actors.rollout import Request
-from buffer import BufferConfig, ReplayBuffer, SegmentWarning, Trajectory
-from launch.config import load_config
-from launch.generate import generate_corpus
-from learner.objective import ObjectiveConfig, phase_loss
-from learner.replay import target_features
-from speculative.decode import DecodeConfig, generate
+from draft_opd.actors.prompts import load_prompts
+from draft_opd.actors.rollout import Request
+from draft_opd.buffer import BufferConfig, ReplayBuffer, SegmentWarning, Trajectory
+from draft_opd.launch.config import load_config
+from draft_opd.launch.generate import generate_corpus
+from draft_opd.learner.objective import ObjectiveConfig, phase_loss
+from draft_opd.learner.replay import target_features
+from draft_opd.speculative.decode import DecodeConfig, generate
 from tests.conftest import make_drafter
 from tests.test_bad_input import LONG, cli_error, write_jsonl
 
@@ -49,11 +49,14 @@ def test_outputs_equal_plain_greedy_generate(tmp_path, tiny_target, batch):
     requests = [Request.of(tiny_target.tokenizer, 0, c, True) for c in load_prompts("gsm8k_train", PROMPTS)]
     assert sorted(rows) == sorted(r.traj_id for r in requests)
     for request in requests:
-        row, alone = rows[request.traj_id], generate(tiny_target, request.prompt, None,
-                                                     DecodeConfig(max_new_tokens=NEW_TOKENS))
+        row, alone = (
+            rows[request.traj_id],
+            generate(tiny_target, request.prompt, None, DecodeConfig(max_new_tokens=NEW_TOKENS)),
+        )
         assert row.input_ids == alone.tokens and row.prompt_len == len(request.prompt)
-        torch.testing.assert_close(torch.tensor(row.committed_logprobs), torch.tensor(alone.committed_logprobs),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(row.committed_logprobs), torch.tensor(alone.committed_logprobs), atol=1e-4, rtol=1e-4
+        )
         assert (row.prompt_id, row.draft_version, row.actor_id) == (request.prompt_id, 0, "generate")
         # block size 1: each pass after the prefill verified the last token and committed one, proposing nothing
         assert row.anchors == list(range(len(request.prompt), len(row.input_ids) - 1))
@@ -79,8 +82,11 @@ def test_corpus_reopens_and_an_sft_step_samples_from_it(tmp_path, tiny_target):
 def test_a_rerun_after_sigkill_completes_the_corpus_as_one_run_would(tmp_path):
     many = ["generate.num_prompts=8", "generate.max_new_tokens=24", "generate.batch_size=2"]
     killed = tmp_path / "killed"
-    job = subprocess.Popen([sys.executable, "-m", "launch.generate", "configs/tiny.yaml", f"generate.out={killed}",
-                            *many], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "draft_opd.launch.generate", "configs/tiny.yaml", f"generate.out={killed}", *many],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not list(killed.glob("*.done")) and job.poll() is None and time.monotonic() < deadline:
@@ -105,36 +111,50 @@ def test_stored_features_equal_a_recompute(tmp_path, tiny_target):
     for row in corpus(tmp_path / "corpus").values():
         recomputed = tiny_target.forward(torch.tensor(row.input_ids), 0, None).features
         assert row.features.dtype == np.float16 and row.features.shape == tuple(recomputed.shape)
-        torch.testing.assert_close(torch.from_numpy(row.features.astype(np.float32)), recomputed,
-                                   atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(torch.from_numpy(row.features.astype(np.float32)), recomputed, atol=2e-3, rtol=2e-3)
 
 
 def test_prompts_too_long_are_skipped_with_a_warning(tmp_path):
     path = write_jsonl(tmp_path / "mix.jsonl", [{"id": "long", "prompt": LONG}, {"id": "short", "prompt": "hi"}])
-    with pytest.warns(UserWarning, match=r"generate: skipped prompt mix/long@0: prompt of \d+ tokens.*exceeds.*"
-                                         "lower generate.max_new_tokens"):
+    with pytest.warns(
+        UserWarning,
+        match=r"generate: skipped prompt mix/long@0: prompt of \d+ tokens.*exceeds.*"
+        "lower generate.max_new_tokens",
+    ):
         summary = run(tmp_path / "corpus", f"generate.prompts={path}", "generate.max_new_tokens=8")
     assert summary["trajectories"] == 1 and list(corpus(tmp_path / "corpus")) == ["mix/short@0"]
 
 
 def rollout_row(out: Path) -> None:
     with ReplayBuffer(BufferConfig(dir=str(out))) as buffer:
-        buffer.insert(Trajectory("gsm8k_train/0@0", "gsm8k_train/0", 3, "rollout-0", 0.0, [1, 2, 3], 2, [], [], [],
-                                 [-0.5], []))
+        buffer.insert(
+            Trajectory("gsm8k_train/0@0", "gsm8k_train/0", 3, "rollout-0", 0.0, [1, 2, 3], 2, [], [], [], [-0.5], [])
+        )
 
 
-@pytest.mark.parametrize("setup, overrides, message", [
-    (None, ["generate.out=null"], "generate.out is not set: pass generate.out=DIR"),
-    ("notes.txt", [], r"generate.out=\S+ holds 'notes.txt', so it is not a corpus: pass a new or empty directory"),
-    ("file", [], r"generate.out=\S+ is a file, not a directory"),
-    (rollout_row, [], "holds trajectory 'gsm8k_train/0@0' written by 'rollout-0', not by generate"),
-    (None, ["generate.prompts=gsm8k_trian"], r"generate.prompts='gsm8k_trian' is neither a benchmark "
-                                             r"\(did you mean 'gsm8k_train'\?\)"),
-    (None, ["generate.prompts=missing.jsonl"], "prompt file not found: missing.jsonl"),
-    (None, ["generate.batch_size=0"], r"bad config: generate.batch_size must be >= 1 \(got 0\)"),
-    (None, ["generate.prompts=LONG"], "none of the 1 prompts of generate.prompts=.*long.jsonl fits the target's "
-                                      "context with generate.max_new_tokens=8; lower generate.max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "setup, overrides, message",
+    [
+        (None, ["generate.out=null"], "generate.out is not set: pass generate.out=DIR"),
+        ("notes.txt", [], r"generate.out=\S+ holds 'notes.txt', so it is not a corpus: pass a new or empty directory"),
+        ("file", [], r"generate.out=\S+ is a file, not a directory"),
+        (rollout_row, [], "holds trajectory 'gsm8k_train/0@0' written by 'rollout-0', not by generate"),
+        (
+            None,
+            ["generate.prompts=gsm8k_trian"],
+            r"generate.prompts='gsm8k_trian' is neither a benchmark "
+            r"\(did you mean 'gsm8k_train'\?\)",
+        ),
+        (None, ["generate.prompts=missing.jsonl"], "prompt file not found: missing.jsonl"),
+        (None, ["generate.batch_size=0"], r"bad config: generate.batch_size must be >= 1 \(got 0\)"),
+        (
+            None,
+            ["generate.prompts=LONG"],
+            "none of the 1 prompts of generate.prompts=.*long.jsonl fits the target's "
+            "context with generate.max_new_tokens=8; lower generate.max_new_tokens",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_fix(tmp_path, setup, overrides, message):
     out = tmp_path / "out"
     if setup == "file":
@@ -148,6 +168,7 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, setup, overrides, messag
     overrides = [o.replace("LONG", str(long)) for o in overrides]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        error = cli_error("generate", "configs/tiny.yaml", f"generate.out={out}", "generate.max_new_tokens=8",
-                          *overrides)
+        error = cli_error(
+            "generate", "configs/tiny.yaml", f"generate.out={out}", "generate.max_new_tokens=8", *overrides
+        )
     assert error.startswith("draft-opd generate: error: ") and re.search(message, error), error

@@ -12,31 +12,44 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch.cli import main
-from launch.config import load_config
-from launch.eval import run_eval
-from launch.export import export
-from speculative.drafter import DraftSpec, DrafterConfig, build_drafter, load_drafter, make_drafter
-from speculative.formats import EAGLE3_BLOCK_SIZE
-from speculative.target import Target
-from speculative.testbeds import tiny_model
+from draft_opd.launch.cli import main
+from draft_opd.launch.config import load_config
+from draft_opd.launch.eval import run_eval
+from draft_opd.launch.export import export
+from draft_opd.speculative.drafter import DrafterConfig
+from draft_opd.speculative.formats import EAGLE3_BLOCK_SIZE
+from draft_opd.speculative.loading import DraftSpec, build_drafter, load_drafter, make_drafter
+from draft_opd.speculative.target import Target
+from draft_opd.speculative.testbeds import tiny_model
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 from tests.test_export import make_run, trained
 
 DRAFT_VOCAB = 200
 # HF bookkeeping the published configs carry and our drafters do not use (EAGLE-3's are Qwen3 leftovers that
 # SpecForge's LlamaConfig ignores); everything else must survive import -> export unchanged
-METADATA = {"auto_map", "bos_token_id", "eos_token_id", "initializer_range", "transformers_version", "use_cache",
-            "dtype"}
+METADATA = {
+    "auto_map",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+    "transformers_version",
+    "use_cache",
+    "dtype",
+}
 EAGLE3_LEFTOVERS = {"max_window_layers", "sliding_window", "use_sliding_window"}
 
 
 def source_drafter(target, kind: str, layers=TINY_FEATURE_LAYERS, seed: int = 3):
     """A drafter moved off its init (so a loader that re-initialises is caught); EAGLE-3 gets a shuffled reduced
     vocabulary, so that its d2t offsets matter."""
-    cfg = DrafterConfig(kind=kind, block_size=8, num_layers=2 if kind == "dflash" else 1, target_layer_ids=layers,
-                        mask_token_id=TINY_MASK if kind == "dflash" else None,
-                        draft_vocab_size=DRAFT_VOCAB if kind == "eagle3" else None)
+    cfg = DrafterConfig(
+        kind=kind,
+        block_size=8,
+        num_layers=2 if kind == "dflash" else 1,
+        target_layer_ids=layers,
+        mask_token_id=TINY_MASK if kind == "dflash" else None,
+        draft_vocab_size=DRAFT_VOCAB if kind == "eagle3" else None,
+    )
     drafter = build_drafter(cfg, target, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -49,22 +62,41 @@ def source_drafter(target, kind: str, layers=TINY_FEATURE_LAYERS, seed: int = 3)
 
 def qwen3_fields(cfg: DrafterConfig, num_layers: int, target) -> dict:
     """The Qwen3/Llama fields of the published configs, at the source drafter's sizes."""
-    return {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 256, "eos_token_id": 258,
-            "head_dim": cfg.head_dim, "hidden_act": "silu", "hidden_size": cfg.hidden_size, "initializer_range": 0.02,
-            "intermediate_size": cfg.intermediate_size,
-            "max_position_embeddings": target.config.max_position_embeddings,
-            "max_window_layers": num_layers, "num_attention_heads": cfg.num_heads, "num_hidden_layers": num_layers,
-            "num_key_value_heads": cfg.num_kv_heads, "rms_norm_eps": cfg.rms_norm_eps, "rope_scaling": None,
-            "rope_theta": cfg.rope_theta, "sliding_window": None, "tie_word_embeddings": False,
-            "transformers_version": "4.57.3", "use_cache": True, "use_sliding_window": False,
-            "vocab_size": cfg.vocab_size}
+    return {
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 256,
+        "eos_token_id": 258,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": target.config.max_position_embeddings,
+        "max_window_layers": num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.57.3",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": cfg.vocab_size,
+    }
 
 
 def write(directory, config: dict, tensors: dict):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return directory
 
 
@@ -72,26 +104,37 @@ def zlab_dflash(directory, drafter, target, **changes):
     """z-lab's DFlashDraftModel: `layers.i.{self_attn,mlp}.*` Qwen3 layers with q/k norms, `fc`, `hidden_norm`,
     `norm`; dflash_config {mask_token_id, target_layer_ids}; no embedding, no LM head (the target's)."""
     cfg = drafter.cfg
-    config = {"architectures": ["DFlashDraftModel"], "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
-              "block_size": 16, "dflash_config": {"mask_token_id": cfg.mask_token_id,
-                                                  "target_layer_ids": list(cfg.target_layer_ids)},
-              "dtype": "float32", "layer_types": ["full_attention"] * cfg.num_layers, "model_type": "qwen3",
-              "num_target_layers": target.num_layers, **qwen3_fields(cfg, cfg.num_layers, target)}
-    tensors = {"fc.weight": drafter.fc.weight, "hidden_norm.weight": drafter.hidden_norm.weight,
-               "norm.weight": drafter.norm.weight}
+    config = {
+        "architectures": ["DFlashDraftModel"],
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "block_size": 16,
+        "dflash_config": {"mask_token_id": cfg.mask_token_id, "target_layer_ids": list(cfg.target_layer_ids)},
+        "dtype": "float32",
+        "layer_types": ["full_attention"] * cfg.num_layers,
+        "model_type": "qwen3",
+        "num_target_layers": target.num_layers,
+        **qwen3_fields(cfg, cfg.num_layers, target),
+    }
+    tensors = {
+        "fc.weight": drafter.fc.weight,
+        "hidden_norm.weight": drafter.hidden_norm.weight,
+        "norm.weight": drafter.norm.weight,
+    }
     for i, layer in enumerate(drafter.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        tensors |= {f"layers.{i}.input_layernorm.weight": layer.input_layernorm.weight,
-                    f"layers.{i}.post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-                    f"layers.{i}.self_attn.q_proj.weight": attn.q_proj.weight,
-                    f"layers.{i}.self_attn.k_proj.weight": attn.k_proj.weight,
-                    f"layers.{i}.self_attn.v_proj.weight": attn.v_proj.weight,
-                    f"layers.{i}.self_attn.o_proj.weight": attn.o_proj.weight,
-                    f"layers.{i}.self_attn.q_norm.weight": attn.q_norm.weight,
-                    f"layers.{i}.self_attn.k_norm.weight": attn.k_norm.weight,
-                    f"layers.{i}.mlp.gate_proj.weight": mlp.gate_proj.weight,
-                    f"layers.{i}.mlp.up_proj.weight": mlp.up_proj.weight,
-                    f"layers.{i}.mlp.down_proj.weight": mlp.down_proj.weight}
+        tensors |= {
+            f"layers.{i}.input_layernorm.weight": layer.input_layernorm.weight,
+            f"layers.{i}.post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+            f"layers.{i}.self_attn.q_proj.weight": attn.q_proj.weight,
+            f"layers.{i}.self_attn.k_proj.weight": attn.k_proj.weight,
+            f"layers.{i}.self_attn.v_proj.weight": attn.v_proj.weight,
+            f"layers.{i}.self_attn.o_proj.weight": attn.o_proj.weight,
+            f"layers.{i}.self_attn.q_norm.weight": attn.q_norm.weight,
+            f"layers.{i}.self_attn.k_norm.weight": attn.k_norm.weight,
+            f"layers.{i}.mlp.gate_proj.weight": mlp.gate_proj.weight,
+            f"layers.{i}.mlp.up_proj.weight": mlp.up_proj.weight,
+            f"layers.{i}.mlp.down_proj.weight": mlp.down_proj.weight,
+        }
     return write(directory, config | changes, tensors)
 
 
@@ -101,25 +144,38 @@ def specforge_eagle3(directory, drafter, target, layer_ids: str = "sglang", **ch
     (target = draft + d2t) and a `t2d` mask. Feature layers as SGLang's eagle_config spells them (outputs),
     as vLLM's top-level field does (inputs, +1), or not at all (the servers' default)."""
     cfg, layer = drafter.cfg, drafter.layer
-    ids = {"sglang": {"eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.target_layer_ids)}},
-           "vllm": {"eagle_aux_hidden_state_layer_ids": [i + 1 for i in cfg.target_layer_ids]}, "none": {}}[layer_ids]
-    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "torch_dtype": "float32",
-              "draft_vocab_size": DRAFT_VOCAB, **qwen3_fields(cfg, 1, target), **ids}
+    ids = {
+        "sglang": {"eagle_config": {"eagle_aux_hidden_state_layer_ids": list(cfg.target_layer_ids)}},
+        "vllm": {"eagle_aux_hidden_state_layer_ids": [i + 1 for i in cfg.target_layer_ids]},
+        "none": {},
+    }[layer_ids]
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "torch_dtype": "float32",
+        "draft_vocab_size": DRAFT_VOCAB,
+        **qwen3_fields(cfg, 1, target),
+        **ids,
+    }
     t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
     t2d[drafter.d2t] = True
-    tensors = {"fc.weight": drafter.fc.weight, "norm.weight": drafter.norm.weight,
-               "lm_head.weight": drafter.lm_head.weight,
-               "d2t": drafter.d2t - torch.arange(DRAFT_VOCAB), "t2d": t2d,
-               "midlayer.hidden_norm.weight": layer.hidden_norm.weight,
-               "midlayer.input_layernorm.weight": layer.input_layernorm.weight,
-               "midlayer.post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-               "midlayer.self_attn.q_proj.weight": layer.q_proj.weight,
-               "midlayer.self_attn.k_proj.weight": layer.k_proj.weight,
-               "midlayer.self_attn.v_proj.weight": layer.v_proj.weight,
-               "midlayer.self_attn.o_proj.weight": layer.o_proj.weight,
-               "midlayer.mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
-               "midlayer.mlp.up_proj.weight": layer.mlp.up_proj.weight,
-               "midlayer.mlp.down_proj.weight": layer.mlp.down_proj.weight}
+    tensors = {
+        "fc.weight": drafter.fc.weight,
+        "norm.weight": drafter.norm.weight,
+        "lm_head.weight": drafter.lm_head.weight,
+        "d2t": drafter.d2t - torch.arange(DRAFT_VOCAB),
+        "t2d": t2d,
+        "midlayer.hidden_norm.weight": layer.hidden_norm.weight,
+        "midlayer.input_layernorm.weight": layer.input_layernorm.weight,
+        "midlayer.post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        "midlayer.self_attn.q_proj.weight": layer.q_proj.weight,
+        "midlayer.self_attn.k_proj.weight": layer.k_proj.weight,
+        "midlayer.self_attn.v_proj.weight": layer.v_proj.weight,
+        "midlayer.self_attn.o_proj.weight": layer.o_proj.weight,
+        "midlayer.mlp.gate_proj.weight": layer.mlp.gate_proj.weight,
+        "midlayer.mlp.up_proj.weight": layer.mlp.up_proj.weight,
+        "midlayer.mlp.down_proj.weight": layer.mlp.down_proj.weight,
+    }
     return write(directory, config | changes, tensors)
 
 
@@ -187,11 +243,15 @@ def test_a_stored_copy_of_the_targets_embedding_is_accepted(tiny_target, tmp_pat
     source = source_drafter(tiny_target, "eagle3")
     checkpoint = specforge_eagle3(tmp_path, source, tiny_target)
     tensors = load_file(str(checkpoint / "model.safetensors"))
-    save_file(tensors | {"embed_tokens.weight": tiny_target.embed_tokens.weight.detach()},
-              str(checkpoint / "model.safetensors"))
+    save_file(
+        tensors | {"embed_tokens.weight": tiny_target.embed_tokens.weight.detach()},
+        str(checkpoint / "model.safetensors"),
+    )
     assert torch.equal(proposals(load_drafter(checkpoint, tiny_target), tiny_target), proposals(source, tiny_target))
-    save_file(tensors | {"embed_tokens.weight": tiny_target.embed_tokens.weight.detach() + 1},
-              str(checkpoint / "model.safetensors"))
+    save_file(
+        tensors | {"embed_tokens.weight": tiny_target.embed_tokens.weight.detach() + 1},
+        str(checkpoint / "model.safetensors"),
+    )
     with pytest.raises(ValueError, match="tensor embed_tokens.weight is not this target's embedding"):
         load_drafter(checkpoint, tiny_target)
 
@@ -210,39 +270,99 @@ def other_vocab_target():
     return Target(tiny_model(vocab_size=300), None, TINY_FEATURE_LAYERS)
 
 
-@pytest.mark.parametrize("kind, change, config, target, message", [
-    ("dflash", lambda t: t.update({"layers.0.self_attn.extra.weight": torch.zeros(4)}), {}, None,
-     r"tensor layers.0.self_attn.extra.weight has no place in our dflash drafter \(dflash format\)"),
-    ("eagle3", lambda t: t.update({"midlayer.self_attn.rotary_emb.inv_freq": torch.zeros(8)}), {}, None,
-     r"tensor midlayer.self_attn.rotary_emb.inv_freq has no place in our eagle3 drafter"),
-    ("eagle3", lambda t: t.pop("midlayer.mlp.up_proj.weight"), {}, None,
-     r"tensor midlayer.mlp.up_proj.weight is missing: our eagle3 drafter \(eagle3 format, num_hidden_layers 1\) "
-     r"needs it"),
-    ("dflash", lambda t: t.pop("layers.1.self_attn.k_norm.weight"), {}, None,
-     r"tensor layers.1.self_attn.k_norm.weight is missing"),
-    ("dflash", None, {"num_hidden_layers": 3}, None, r"tensor layers.2.\S+ \(and 10 more\) is missing"),
-    ("dflash", None, {}, narrow_target,
-     r"tensor fc.weight has shape \(64, 192\); this target needs \(32, 96\) \(hidden 32, vocab 320, feature layers "
-     r"\[0, 1, 2\]\): the draft was built for a target with hidden 64"),
-    ("eagle3", None, {}, narrow_target, r"tensor fc.weight has shape \(64, 192\); this target needs \(32, 96\)"),
-    ("dflash", None, {"dflash_config": {"mask_token_id": TINY_MASK, "target_layer_ids": [0, 2]}}, None,
-     r"tensor fc.weight has shape \(64, 192\); this target needs \(64, 128\) \(hidden 64, vocab 320, feature layers "
-     r"\[0, 2\]\)"),
-    ("eagle3", None, {}, other_vocab_target, r"tensor t2d has shape \(320,\); this target needs \(300,\)"),
-    ("dflash", None, {}, other_vocab_target, r"config.json says hidden 64 and vocab 320; this target has hidden 64 "
-                                             r"and vocab 300"),
-    ("dflash", None, {"num_target_layers": 36}, None,
-     r"this DFlash draft was built for a 36-layer target \(num_target_layers\); this target has 4 layers"),
-    ("dflash", None, {"dflash_config": {"mask_token_id": 320, "target_layer_ids": TINY_FEATURE_LAYERS}}, None,
-     r"mask_token_id=320 is not a token of this target \(vocab 320\)"),
-    ("dflash", None, {"layer_types": ["full_attention", "sliding_attention"]}, None,
-     r"this DFlash checkpoint uses sliding-window attention, which our drafters do not compute"),
-    ("eagle3", None, {"norm_before_residual": True}, None, r"this EAGLE-3 checkpoint uses norm_before_residual"),
-    ("dflash", None, {"architectures": ["DFlash2DraftModel"]}, None,
-     r"config.json names architectures \['DFlash2DraftModel'\], not a draft this repository reads"),
-])
-def test_a_checkpoint_that_does_not_fit_names_the_problem(tiny_target, tmp_path, kind, change, config, target,
-                                                          message):
+@pytest.mark.parametrize(
+    "kind, change, config, target, message",
+    [
+        (
+            "dflash",
+            lambda t: t.update({"layers.0.self_attn.extra.weight": torch.zeros(4)}),
+            {},
+            None,
+            r"tensor layers.0.self_attn.extra.weight has no place in our dflash drafter \(dflash format\)",
+        ),
+        (
+            "eagle3",
+            lambda t: t.update({"midlayer.self_attn.rotary_emb.inv_freq": torch.zeros(8)}),
+            {},
+            None,
+            r"tensor midlayer.self_attn.rotary_emb.inv_freq has no place in our eagle3 drafter",
+        ),
+        (
+            "eagle3",
+            lambda t: t.pop("midlayer.mlp.up_proj.weight"),
+            {},
+            None,
+            r"tensor midlayer.mlp.up_proj.weight is missing: our eagle3 drafter \(eagle3 format, num_hidden_layers 1\) "
+            r"needs it",
+        ),
+        (
+            "dflash",
+            lambda t: t.pop("layers.1.self_attn.k_norm.weight"),
+            {},
+            None,
+            r"tensor layers.1.self_attn.k_norm.weight is missing",
+        ),
+        ("dflash", None, {"num_hidden_layers": 3}, None, r"tensor layers.2.\S+ \(and 10 more\) is missing"),
+        (
+            "dflash",
+            None,
+            {},
+            narrow_target,
+            r"tensor fc.weight has shape \(64, 192\); this target needs \(32, 96\) \(hidden 32, vocab 320, "
+            r"feature layers "
+            r"\[0, 1, 2\]\): the draft was built for a target with hidden 64",
+        ),
+        ("eagle3", None, {}, narrow_target, r"tensor fc.weight has shape \(64, 192\); this target needs \(32, 96\)"),
+        (
+            "dflash",
+            None,
+            {"dflash_config": {"mask_token_id": TINY_MASK, "target_layer_ids": [0, 2]}},
+            None,
+            r"tensor fc.weight has shape \(64, 192\); this target needs \(64, 128\) \(hidden 64, vocab 320, "
+            r"feature layers "
+            r"\[0, 2\]\)",
+        ),
+        ("eagle3", None, {}, other_vocab_target, r"tensor t2d has shape \(320,\); this target needs \(300,\)"),
+        (
+            "dflash",
+            None,
+            {},
+            other_vocab_target,
+            r"config.json says hidden 64 and vocab 320; this target has hidden 64 "
+            r"and vocab 300",
+        ),
+        (
+            "dflash",
+            None,
+            {"num_target_layers": 36},
+            None,
+            r"this DFlash draft was built for a 36-layer target \(num_target_layers\); this target has 4 layers",
+        ),
+        (
+            "dflash",
+            None,
+            {"dflash_config": {"mask_token_id": 320, "target_layer_ids": TINY_FEATURE_LAYERS}},
+            None,
+            r"mask_token_id=320 is not a token of this target \(vocab 320\)",
+        ),
+        (
+            "dflash",
+            None,
+            {"layer_types": ["full_attention", "sliding_attention"]},
+            None,
+            r"this DFlash checkpoint uses sliding-window attention, which our drafters do not compute",
+        ),
+        ("eagle3", None, {"norm_before_residual": True}, None, r"this EAGLE-3 checkpoint uses norm_before_residual"),
+        (
+            "dflash",
+            None,
+            {"architectures": ["DFlash2DraftModel"]},
+            None,
+            r"config.json names architectures \['DFlash2DraftModel'\], not a draft this repository reads",
+        ),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_names_the_problem(tiny_target, tmp_path, kind, change, config, target, message):
     checkpoint = CHECKPOINT[kind](tmp_path, source_drafter(tiny_target, kind), tiny_target, **config)
     if change:
         resave(checkpoint, change)
@@ -253,8 +373,9 @@ def test_a_checkpoint_that_does_not_fit_names_the_problem(tiny_target, tmp_path,
 
 def test_feature_layers_beyond_the_target_are_refused(tiny_target, tmp_path):
     source = source_drafter(tiny_target, "dflash")
-    checkpoint = zlab_dflash(tmp_path, source, tiny_target, dflash_config={"mask_token_id": TINY_MASK,
-                                                                            "target_layer_ids": [0, 1, 3]})
+    checkpoint = zlab_dflash(
+        tmp_path, source, tiny_target, dflash_config={"mask_token_id": TINY_MASK, "target_layer_ids": [0, 1, 3]}
+    )
     with pytest.raises(ValueError, match=r"built for a deeper target\?\): feature layers \[3\] out of range"):
         make_drafter(DraftSpec(path=str(checkpoint)), tiny_target)
 
@@ -285,7 +406,8 @@ def test_a_hub_id_offline_fails_in_one_line_with_the_fix(tmp_path, monkeypatch):
     assert str(err.value) == (
         "draft-opd eval: error: draft z-lab/Qwen3-4B-DFlash-b16 is not a local directory and the Hugging Face hub "
         "could not provide it (LocalEntryNotFoundError); download it where the hub is reachable (`huggingface-cli "
-        "download z-lab/Qwen3-4B-DFlash-b16 --local-dir DIR`) and pass draft=DIR")
+        "download z-lab/Qwen3-4B-DFlash-b16 --local-dir DIR`) and pass draft=DIR"
+    )
 
 
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
@@ -293,14 +415,25 @@ def test_eval_with_an_imported_draft_is_lossless_and_matches_the_source(tiny_tar
     """`draft-opd eval configs/tiny.yaml draft=DIR`: a draft trained to tau > 1 (EAGLE-3 with a shuffled reduced
     vocabulary), written in its published format, decodes exactly as the same draft saved by us."""
     source = trained(tiny_target, kind)
-    checkpoint = CHECKPOINT[kind](tmp_path / "published", source, tiny_target, **(
-        {"block_size": 8} if kind == "dflash" else {}))
+    checkpoint = CHECKPOINT[kind](
+        tmp_path / "published", source, tiny_target, **({"block_size": 8} if kind == "dflash" else {})
+    )
     reports = {}
     for name, draft in (("ours", source.save(tmp_path / "ours")), ("published", checkpoint)):
         reports[name] = tmp_path / f"{name}.json"
-        run_eval(load_config("configs/tiny.yaml", [f"draft={draft}", "draft.block_size=8", "eval.num_prompts=2",
-                                                   "eval.max_new_tokens=16", "eval.warmup_tokens=0",
-                                                   f"eval.out={reports[name]}"]))
+        run_eval(
+            load_config(
+                "configs/tiny.yaml",
+                [
+                    f"draft={draft}",
+                    "draft.block_size=8",
+                    "eval.num_prompts=2",
+                    "eval.max_new_tokens=16",
+                    "eval.warmup_tokens=0",
+                    f"eval.out={reports[name]}",
+                ],
+            )
+        )
     ours, published = (json.loads(reports[n].read_text()) for n in ("ours", "published"))
     taus = [turn["taus"] for turn in published["turns"]["gsm8k"]]
     assert taus == [turn["taus"] for turn in ours["turns"]["gsm8k"]] and max(max(t) for t in taus) > 1

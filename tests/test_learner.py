@@ -7,17 +7,23 @@ import pytest
 import ray
 import torch
 
-from actors.rollout import RolloutConfig, RolloutWorker
-from buffer import BufferConfig, ReplayBuffer
-from learner.engine import Learner, LearnerActor, LearnerConfig, free_port
-from learner.objective import ObjectiveConfig
-from speculative.drafter import DraftSpec
-from speculative.target import TargetConfig
+from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
+from draft_opd.buffer import BufferConfig, ReplayBuffer
+from draft_opd.learner.engine import Learner, LearnerActor, LearnerConfig, free_port
+from draft_opd.learner.objective import ObjectiveConfig
+from draft_opd.speculative.loading import DraftSpec
+from draft_opd.speculative.target import TargetConfig
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 TARGET = TargetConfig(testbed="tiny")
-DRAFT = DraftSpec(kind="dflash", block_size=5, num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS,
-                  mask_token_id=TINY_MASK, init="random")
+DRAFT = DraftSpec(
+    kind="dflash",
+    block_size=5,
+    num_layers=1,
+    target_layer_ids=TINY_FEATURE_LAYERS,
+    mask_token_id=TINY_MASK,
+    init="random",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,10 @@ def batches():
 def trained_weights(world_size: int, stage: int, batches) -> dict[str, torch.Tensor]:
     cfg = LearnerConfig(world_size=world_size, zero_stage=stage, lr=1e-3, warmup_steps=1, num_cpus=1, timeout_s=60)
     port = free_port()
-    ranks = [LearnerActor.options(num_cpus=1).remote(TARGET, DRAFT, cfg, ObjectiveConfig(), r, "127.0.0.1", port)
-             for r in range(world_size)]
+    ranks = [
+        LearnerActor.options(num_cpus=1).remote(TARGET, DRAFT, cfg, ObjectiveConfig(), r, "127.0.0.1", port)
+        for r in range(world_size)
+    ]
     for batch in batches:  # every rank gets the same batch: averaged gradients equal the single-rank gradient
         ray.get([r.train_step.remote("opd", batch) for r in ranks], timeout=120)
     weights = ray.get([r.full_weights.remote() for r in ranks], timeout=120)
@@ -61,8 +69,12 @@ def test_zero_world_size_two_matches_world_size_one(ray_cluster, batches, stage)
 
 def test_opd_phase_uses_its_own_learning_rate(batches):
     """opd_lr=0 freezes the draft in the OPD phase only (Adam's step is proportional to the lr)."""
-    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=1e-2, opd_lr=0.0, warmup_steps=1, opd_fresh_optimizer=False,
-                                                   timeout_s=60), ObjectiveConfig())
+    learner = Learner(
+        TARGET,
+        DRAFT,
+        LearnerConfig(lr=1e-2, opd_lr=0.0, warmup_steps=1, opd_fresh_optimizer=False, timeout_s=60),
+        ObjectiveConfig(),
+    )
     for batch in batches[:2]:  # past DeepSpeed's WarmupLR, whose first steps run at lr 0
         learner.train_step("sft", batch)
     before = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
@@ -85,8 +97,12 @@ def test_cosine_schedule_sets_the_lr_of_every_step(batches):
     WarmupCosineLR, which steps after each optimizer step: step s runs at the schedule's value for s - 1, 0 for
     step 0). The lr each step runs at follows it, and the first step (lr 0) leaves the draft as it was."""
     lr, warmup, total = 1e-2, 2, 6
-    learner = Learner(TARGET, DRAFT, LearnerConfig(lr=lr, lr_schedule="cosine", warmup_steps=warmup,
-                                                   total_steps=total, timeout_s=60), ObjectiveConfig())
+    learner = Learner(
+        TARGET,
+        DRAFT,
+        LearnerConfig(lr=lr, lr_schedule="cosine", warmup_steps=warmup, total_steps=total, timeout_s=60),
+        ObjectiveConfig(),
+    )
     initial = {k: v.clone() for k, v in learner.drafter.state_dict().items()}
     used = []
     for step in range(total):
@@ -105,8 +121,15 @@ def adam_states(learner: Learner) -> list[dict]:
 
 
 def cosine_learner(fresh: bool) -> Learner:
-    cfg = LearnerConfig(lr=1e-2, lr_schedule="cosine", warmup_steps=2, total_steps=10, opd_total_steps=4,
-                        opd_fresh_optimizer=fresh, timeout_s=60)
+    cfg = LearnerConfig(
+        lr=1e-2,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        total_steps=10,
+        opd_total_steps=4,
+        opd_fresh_optimizer=fresh,
+        timeout_s=60,
+    )
     return Learner(TARGET, DRAFT, cfg, ObjectiveConfig())
 
 
@@ -164,8 +187,9 @@ def test_a_bf16_engine_trains_what_an_fp32_engine_trains(batches, phase):
     initial = RolloutWorker(TARGET, DRAFT, RolloutConfig(num_prompts=1), 0, None).drafter.state_dict()
     moved = {}
     for dtype in ("float32", "bfloat16"):
-        learner = Learner(TARGET, DRAFT, LearnerConfig(dtype=dtype, lr=1e-2, warmup_steps=1, timeout_s=60),
-                          ObjectiveConfig())
+        learner = Learner(
+            TARGET, DRAFT, LearnerConfig(dtype=dtype, lr=1e-2, warmup_steps=1, timeout_s=60), ObjectiveConfig()
+        )
         assert next(learner.drafter.parameters()).dtype == learner.target.dtype == getattr(torch, dtype)
         for batch in batches:
             assert math.isfinite(learner.train_step(phase, batch)["loss"])

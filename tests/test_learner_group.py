@@ -13,8 +13,8 @@ import ray
 from ray.cluster_utils import Cluster
 from rich.console import Console
 
-from launch.config import load_config
-from launch.learner_group import LearnerGroup
+from draft_opd.launch.config import load_config
+from draft_opd.launch.learner_group import LearnerGroup
 
 
 @pytest.fixture
@@ -28,8 +28,16 @@ def gpu_node():
 
 
 def test_ranks_meet_at_rank_zeros_node_and_use_their_own_gpu(gpu_node):
-    cfg = load_config("configs/tiny.yaml", ["learner.world_size=2", "learner.num_gpus=1", "learner.num_cpus=1",
-                                            "learner.timeout_s=120", "train.stage_timeout_s=120"])
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            "learner.world_size=2",
+            "learner.num_gpus=1",
+            "learner.num_cpus=1",
+            "learner.timeout_s=120",
+            "train.stage_timeout_s=120",
+        ],
+    )
     group = LearnerGroup(cfg, None, Console(stderr=True))
     try:
         ranks = group.call("placement", what="placement")

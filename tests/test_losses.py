@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 
-from learner.losses import (bernoulli_forward_kl, dflash_sft_loss, draft_opd_loss, eagle3_ttt_loss,
-                            greedy_conflict_shares, k3_reverse_kl, reverse_kl_full, topk_forward_kl,
-                            total_variation)
+from draft_opd.learner.losses import (
+    bernoulli_forward_kl,
+    dflash_sft_loss,
+    draft_opd_loss,
+    eagle3_ttt_loss,
+    greedy_conflict_shares,
+    k3_reverse_kl,
+    reverse_kl_full,
+    topk_forward_kl,
+    total_variation,
+)
 
 
 def test_bernoulli_forward_kl_by_hand():
@@ -23,14 +31,17 @@ def test_k3_by_hand_the_ratio_clamp_and_the_log_prob_floor():
     p, q = 0.2, 0.5
     r = p / q
     for clamp in ("reference", "floor"):
-        assert k3_reverse_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)]), clamp).item() == \
-            pytest.approx((r - 1) - math.log(r), rel=1e-5)
+        assert k3_reverse_kl(torch.tensor([math.log(p)]), torch.tensor([math.log(q)]), clamp).item() == pytest.approx(
+            (r - 1) - math.log(r), rel=1e-5
+        )
     # reference: log r = -30 - log 0.5 is clamped to -20; floor: log p = -30 is floored at -10, r = e^-10 / 0.5
     assert k3_reverse_kl(torch.tensor([-30.0]), torch.tensor([math.log(0.5)])).item() == pytest.approx(
-        math.exp(-20) - 1 + 20, rel=1e-5)
+        math.exp(-20) - 1 + 20, rel=1e-5
+    )
     r = math.exp(-10) / 0.5
     assert k3_reverse_kl(torch.tensor([-30.0]), torch.tensor([math.log(0.5)]), "floor").item() == pytest.approx(
-        (r - 1) - math.log(r), rel=1e-5)
+        (r - 1) - math.log(r), rel=1e-5
+    )
     with pytest.raises(ValueError, match="rejected_clamp"):
         k3_reverse_kl(torch.zeros(1), torch.zeros(1), "none")
 
@@ -43,7 +54,7 @@ def test_rejected_stream_loss_and_gradient_past_the_clamp_by_hand(clamp):
     decay, lq = 0.8, math.log(0.5)
     teacher = torch.tensor([[math.log(0.2), -12.0, -30.0]])
     student = torch.full((1, 3), lq, requires_grad=True)
-    weights = [1.0, decay, decay ** 2]
+    weights = [1.0, decay, decay**2]
     r0 = 0.2 / 0.5
     k3_0 = r0 - 1 - math.log(r0)
     if clamp == "reference":
@@ -52,8 +63,16 @@ def test_rejected_stream_loss_and_gradient_past_the_clamp_by_hand(clamp):
         r = math.exp(-10 - lq)
         k3s, dk3 = [k3_0, r - 1 - math.log(r), r - 1 - math.log(r)], [1 - r0, 1 - r, 1 - r]
     total = sum(weights)
-    out = draft_opd_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), teacher, student, torch.ones(1, 3),
-                         decay=decay, rejected_clamp=clamp)
+    out = draft_opd_loss(
+        torch.zeros(1, 3),
+        torch.zeros(1, 3),
+        torch.zeros(1, 3),
+        teacher,
+        student,
+        torch.ones(1, 3),
+        decay=decay,
+        rejected_clamp=clamp,
+    )
     assert out["loss"].item() == pytest.approx(sum(w * k for w, k in zip(weights, k3s)) / total, rel=1e-5)
     out["loss"].backward()
     expected_grad = [w * d / total for w, d in zip(weights, dk3)]
@@ -99,22 +118,44 @@ def test_draft_opd_loss_weights_and_normalisation_by_hand():
         return p / q - 1 - math.log(p / q)
 
     resp = sum(bern(tp[n][j], sp[n][j]) for n in range(2) for j in range(3) if resp_mask[n][j])
-    rej = sum(decay ** j * k3(rtp[0][j], rsp[0][j]) for j in (1, 2))
-    expected = (resp + rej) / (5 + decay ** 1 + decay ** 2)
+    rej = sum(decay**j * k3(rtp[0][j], rsp[0][j]) for j in (1, 2))
+    expected = (resp + rej) / (5 + decay**1 + decay**2)
 
     def logp(x):
         return torch.tensor(x).clamp_min(1e-30).log()
 
-    out = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32),
-                         logp(rtp), logp(rsp), torch.tensor(rej_mask, dtype=torch.float32), decay=decay)
+    out = draft_opd_loss(
+        logp(tp),
+        logp(sp),
+        torch.tensor(resp_mask, dtype=torch.float32),
+        logp(rtp),
+        logp(rsp),
+        torch.tensor(rej_mask, dtype=torch.float32),
+        decay=decay,
+    )
     assert out["loss"].item() == pytest.approx(expected, rel=1e-4)
-    assert out["rej_kl"].item() == pytest.approx(rej / (decay + decay ** 2), rel=1e-4)
-    half = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32), logp(rtp), logp(rsp),
-                          torch.tensor(rej_mask, dtype=torch.float32), decay=decay, rejected_weight=0.5)
-    assert half["loss"].item() == pytest.approx((resp + 0.5 * rej) / (5 + 0.5 * (decay + decay ** 2)), rel=1e-4)
-    anchors_only = draft_opd_loss(logp(tp), logp(sp), torch.tensor(resp_mask, dtype=torch.float32), logp(rtp),
-                                  logp(rsp), torch.tensor(rej_mask, dtype=torch.float32), decay=decay,
-                                  rejected_weight=0.0)
+    assert out["rej_kl"].item() == pytest.approx(rej / (decay + decay**2), rel=1e-4)
+    half = draft_opd_loss(
+        logp(tp),
+        logp(sp),
+        torch.tensor(resp_mask, dtype=torch.float32),
+        logp(rtp),
+        logp(rsp),
+        torch.tensor(rej_mask, dtype=torch.float32),
+        decay=decay,
+        rejected_weight=0.5,
+    )
+    assert half["loss"].item() == pytest.approx((resp + 0.5 * rej) / (5 + 0.5 * (decay + decay**2)), rel=1e-4)
+    anchors_only = draft_opd_loss(
+        logp(tp),
+        logp(sp),
+        torch.tensor(resp_mask, dtype=torch.float32),
+        logp(rtp),
+        logp(rsp),
+        torch.tensor(rej_mask, dtype=torch.float32),
+        decay=decay,
+        rejected_weight=0.0,
+    )
     assert anchors_only["loss"].item() == pytest.approx(resp / 5, rel=1e-4)
 
 
@@ -126,8 +167,9 @@ def test_greedy_response_kl_is_cross_entropy_on_the_committed_tokens_by_hand():
     rej_mask = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     teacher = torch.full((2, 2), -0.1)  # ignored by the greedy response KL
     student = torch.tensor(resp_q).clamp_min(1e-30).log().requires_grad_()
-    out = draft_opd_loss(teacher, student, resp_mask, rej_p.log(), rej_q.log(), rej_mask, decay=0.5,
-                         response_kl="greedy")
+    out = draft_opd_loss(
+        teacher, student, resp_mask, rej_p.log(), rej_q.log(), rej_mask, decay=0.5, response_kl="greedy"
+    )
     ce = -math.log(0.5) - math.log(1e-6) - math.log(0.25)  # 14.5: past the Bernoulli cap, kept in full
     k3 = [(p / q - 1 - math.log(p / q)) for p, q in ((0.2, 0.4), (0.3, 0.6), (0.4, 0.2))]
     weights = [0.5, 1.0, 0.5]
@@ -142,8 +184,14 @@ def test_greedy_response_kl_is_cross_entropy_on_the_committed_tokens_by_hand():
 
 
 def test_draft_opd_per_token_loss_is_capped():
-    big = draft_opd_loss(torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1),
-                         torch.tensor([[0.0]]), torch.tensor([[-10.0]]), torch.ones(1, 1))
+    big = draft_opd_loss(
+        torch.tensor([[0.0]]),
+        torch.tensor([[-10.0]]),
+        torch.ones(1, 1),
+        torch.tensor([[0.0]]),
+        torch.tensor([[-10.0]]),
+        torch.ones(1, 1),
+    )
     assert big["loss"].item() == pytest.approx(10.0, rel=1e-5)
 
 
@@ -179,10 +227,10 @@ def test_exact_divergences_by_hand():
     p, q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]
     lp, lq = torch.tensor([[p]]).log(), torch.tensor([[q]]).log()
     mask = torch.ones(1, 1)
-    assert reverse_kl_full(lp, lq, mask).item() == pytest.approx(sum(b * math.log(b / a) for a, b in zip(p, q)),
-                                                                 rel=1e-5)
-    assert total_variation(lp, lq, mask).item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(p, q)),
-                                                                 rel=1e-5)
+    assert reverse_kl_full(lp, lq, mask).item() == pytest.approx(
+        sum(b * math.log(b / a) for a, b in zip(p, q)), rel=1e-5
+    )
+    assert total_variation(lp, lq, mask).item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(p, q)), rel=1e-5)
     # top-2 of p = tokens 0, 1, renormalised to 5/8, 3/8
     ids = torch.tensor([[[0, 1]]])
     topk = torch.tensor([[[math.log(0.5), math.log(0.3)]]])
@@ -191,7 +239,7 @@ def test_exact_divergences_by_hand():
 
 
 def test_topk_total_variation_by_hand():
-    from learner.losses import topk_total_variation
+    from draft_opd.learner.losses import topk_total_variation
 
     # teacher top-2 = tokens 0, 2 with probs 0.6, 0.2 -> renormalised 0.75, 0.25; student q = [0.5, 0.3, 0.2]
     ids = torch.tensor([[[0, 2]]])

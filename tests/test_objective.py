@@ -4,22 +4,33 @@ import numpy as np
 import pytest
 import torch
 
-from actors.rollout import RolloutConfig, RolloutWorker
-from buffer import BufferConfig, ReplayBuffer
-from learner.objective import ObjectiveConfig, phase_loss
-from learner.replay import random_text_anchors, replay, replay_random_anchors, target_features
-from speculative.drafter import DraftSpec
-from speculative.target import TargetConfig
-from speculative.text_tau import leading_matches
+from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
+from draft_opd.buffer import BufferConfig, ReplayBuffer
+from draft_opd.learner.objective import ObjectiveConfig, phase_loss
+from draft_opd.learner.replay import random_text_anchors, replay, replay_random_anchors, target_features
+from draft_opd.speculative.loading import DraftSpec
+from draft_opd.speculative.target import TargetConfig
+from draft_opd.speculative.text_tau import leading_matches
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 
 def rollouts(kind: str, n: int = 6, topk: int = 0):
-    draft = DraftSpec(kind=kind, block_size=5, num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS,
-                      mask_token_id=TINY_MASK, init="random")
+    draft = DraftSpec(
+        kind=kind,
+        block_size=5,
+        num_layers=1,
+        target_layer_ids=TINY_FEATURE_LAYERS,
+        mask_token_id=TINY_MASK,
+        init="random",
+    )
     buffer = ReplayBuffer(BufferConfig(topk=topk))
-    worker = RolloutWorker(TargetConfig(testbed="tiny"), draft,
-                           RolloutConfig(num_prompts=n, max_new_tokens=32, topk_logprobs=topk), 0, buffer)
+    worker = RolloutWorker(
+        TargetConfig(testbed="tiny"),
+        draft,
+        RolloutConfig(num_prompts=n, max_new_tokens=32, topk_logprobs=topk),
+        0,
+        buffer,
+    )
     worker.run(n)
     return worker, buffer
 
@@ -28,8 +39,14 @@ def rollouts(kind: str, n: int = 6, topk: int = 0):
 @pytest.mark.parametrize("phase", ["sft", "opd"])
 def test_gradients_reach_only_the_drafts_trainable_parameters(kind, phase):
     worker, buffer = rollouts(kind, 3)
-    out = phase_loss(phase, worker.drafter, buffer.sample(8), target_features(worker.target), ObjectiveConfig(),
-                     np.random.default_rng(0))
+    out = phase_loss(
+        phase,
+        worker.drafter,
+        buffer.sample(8),
+        target_features(worker.target),
+        ObjectiveConfig(),
+        np.random.default_rng(0),
+    )
     out["loss"].backward()
     grads = [p.grad for p in worker.drafter.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -43,16 +60,20 @@ def test_replay_teacher_terms_match_the_recorded_stream(kind):
     worker, buffer = rollouts(kind, 3)
     batch = buffer.sample(12)
     terms = replay(worker.drafter, batch, target_features(worker.target))
-    assert torch.equal(terms.rejected_mask.bool(), torch.from_numpy(batch.rejected_mask) & torch.from_numpy(
-        batch.anchor >= (1 if kind == "eagle3" else 0))[:, None])
+    assert torch.equal(
+        terms.rejected_mask.bool(),
+        torch.from_numpy(batch.rejected_mask)
+        & torch.from_numpy(batch.anchor >= (1 if kind == "eagle3" else 0))[:, None],
+    )
     # the drafter's argmax at rollout was each proposal: replay must reproduce it where the chain is on-policy
     first_rejected = torch.from_numpy(batch.accept_len.astype(np.int64))
     rows = torch.arange(len(batch))
     valid = first_rejected < torch.from_numpy(batch.n_draft.astype(np.int64))
     proposed = terms.draft_tokens[rows, first_rejected.clamp_max(terms.draft_tokens.shape[1] - 1)]
     replayed_argmax = terms.student_logp[rows, first_rejected.clamp_max(terms.draft_tokens.shape[1] - 1)].argmax(-1)
-    assert torch.equal(proposed[valid & terms.rejected_mask.any(1).bool()],
-                       replayed_argmax[valid & terms.rejected_mask.any(1).bool()])
+    assert torch.equal(
+        proposed[valid & terms.rejected_mask.any(1).bool()], replayed_argmax[valid & terms.rejected_mask.any(1).bool()]
+    )
 
 
 @pytest.mark.parametrize("kind", ["dflash", "eagle3"])
@@ -85,8 +106,14 @@ def test_topk_variant_learns_and_needs_stored_topk():
         optimizer.step()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.8 * losses[0], losses
-    halved = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(opd_variant="topk", rejected_weight=0.5),
-                        np.random.default_rng(0))
+    halved = phase_loss(
+        "opd",
+        worker.drafter,
+        batch,
+        features,
+        ObjectiveConfig(opd_variant="topk", rejected_weight=0.5),
+        np.random.default_rng(0),
+    )
     assert halved["rej_tv"].item() > 0
     assert halved["loss"].item() == pytest.approx(halved["resp_kl"].item() + 0.5 * halved["rej_tv"].item(), rel=1e-5)
     plain_worker, plain_buffer = rollouts("dflash", 2)
@@ -100,8 +127,9 @@ def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
     batch = buffer.sample(2)
     features = target_features(worker.target)
     one = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
-    many = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=5),
-                      np.random.default_rng(0))
+    many = phase_loss(
+        "sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=5), np.random.default_rng(0)
+    )
     assert one["blocks"].item() == 2 and many["blocks"].item() == 10
     width = worker.drafter.cfg.block_size - 1
     assert 0 < many["tokens"].item() <= 10 * width and many["tokens"].item() > one["tokens"].item()
@@ -144,8 +172,9 @@ def test_random_anchor_replay_trains_the_drafts_matching_prefix_and_its_first_er
     batch, features = buffer.sample(12), target_features(worker.target)
     optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=3e-3)
     for step in range(30):  # a draft that matches some of the text, so accepted prefixes vary in length
-        out = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=4),
-                         np.random.default_rng(step))
+        out = phase_loss(
+            "sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=4), np.random.default_rng(step)
+        )
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
@@ -158,16 +187,22 @@ def test_random_anchor_replay_trains_the_drafts_matching_prefix_and_its_first_er
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
         anchors = random_text_anchors(batch, t, int(count), lowest, rng)
         assert anchors.min() >= batch.prompt_len[t] - 1 and anchors.max() <= len(ids) - 2
-        matches = leading_matches(worker.drafter, features(batch.input_ids[t], batch.features[t]), ids, anchors,
-                                  torch.full((int(count),), width))
+        matches = leading_matches(
+            worker.drafter,
+            features(batch.input_ids[t], batch.features[t]),
+            ids,
+            anchors,
+            torch.full((int(count),), width),
+        )
         recorded = buffer.get(batch.traj_ids[t])
         for i, (anchor, match) in enumerate(zip(anchors.tolist(), matches.tolist())):
             mask = terms.committed_mask[first + i].bool()
             length = min(match + 1, width, len(ids) - 1 - anchor)
             assert mask.tolist() == [j < length for j in range(width)]
-            assert terms.committed_tokens[first + i][mask].tolist() == ids[anchor + 1: anchor + 1 + length].tolist()
-            teacher = recorded.committed_logprobs[anchor + 1 - recorded.prompt_len: anchor + 1 - recorded.prompt_len
-                                                  + length]
+            assert terms.committed_tokens[first + i][mask].tolist() == ids[anchor + 1 : anchor + 1 + length].tolist()
+            teacher = recorded.committed_logprobs[
+                anchor + 1 - recorded.prompt_len : anchor + 1 - recorded.prompt_len + length
+            ]
             assert terms.teacher_committed_logp[first + i][mask].tolist() == pytest.approx(list(teacher))
         first += int(count)
     assert first == len(batch) and terms.rejected_mask.sum() == 0

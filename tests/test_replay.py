@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.decode import DecodeConfig, generate
 from tests.conftest import make_drafter
 from tests.test_decode import PartlyRightDrafter, prompt_of
 
@@ -22,8 +22,9 @@ def test_replay_logits_equal_the_rollout_proposal_logits(tiny_target, kind):
     if kind == "dflash":
         replayed = drafter(features, full, anchors, torch.zeros(len(anchors), width - 1, dtype=torch.long))
     else:  # replay the chain on the proposals the inner drafter made (its own argmax)
-        chain = torch.stack([logits.argmax(-1)[: width - 1] for _, logits in helped.proposals
-                             if logits.shape[0] == width])
+        chain = torch.stack(
+            [logits.argmax(-1)[: width - 1] for _, logits in helped.proposals if logits.shape[0] == width]
+        )
         anchors = anchors[: chain.shape[0]]
         replayed = drafter(features, full, anchors, chain)
     for i in range(anchors.shape[0]):
@@ -48,8 +49,9 @@ def test_replay_of_the_last_block_cut_by_max_new_tokens_equals_its_proposal(tiny
     features = tiny_target.forward(full, 0, None).features
     anchors = torch.tensor([position for position, _ in short])
     widths = torch.tensor([logits.shape[0] for _, logits in short])
-    chain = torch.stack([torch.nn.functional.pad(logits.argmax(-1), (0, width - logits.shape[0]))[: width - 1]
-                         for _, logits in short])
+    chain = torch.stack(
+        [torch.nn.functional.pad(logits.argmax(-1), (0, width - logits.shape[0]))[: width - 1] for _, logits in short]
+    )
     replayed = drafter(features, full, anchors, chain, widths)
     for i, (_, logits) in enumerate(short):
         torch.testing.assert_close(replayed[i, : logits.shape[0]], logits, atol=2e-4, rtol=2e-4)

@@ -7,18 +7,24 @@ import pytest
 import ray
 import torch
 
-from actors.prompts import PromptPool, load_prompts
-from actors.rollout import RolloutConfig, RolloutWorker, start_rollout_actors
-from benchmarks.chat import render_prompt
-from buffer import BufferConfig, ReplayBuffer, ReplayBufferActor
-from speculative.decode import DecodeConfig, generate
-from speculative.drafter import DraftSpec
-from speculative.target import TargetConfig
+from draft_opd.actors.prompts import PromptPool, load_prompts
+from draft_opd.actors.rollout import RolloutConfig, RolloutWorker, start_rollout_actors
+from draft_opd.buffer import BufferConfig, ReplayBuffer, ReplayBufferActor
+from draft_opd.prompts.chat import render_prompt
+from draft_opd.speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.loading import DraftSpec
+from draft_opd.speculative.target import TargetConfig
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 TARGET = TargetConfig(testbed="tiny")
-DRAFT = DraftSpec(kind="dflash", block_size=6, num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS,
-                  mask_token_id=TINY_MASK, init="random")
+DRAFT = DraftSpec(
+    kind="dflash",
+    block_size=6,
+    num_layers=1,
+    target_layer_ids=TINY_FEATURE_LAYERS,
+    mask_token_id=TINY_MASK,
+    init="random",
+)
 ROLLOUT = RolloutConfig(prompts="gsm8k_train", num_prompts=6, max_new_tokens=24, topk_logprobs=2)
 
 
@@ -57,7 +63,7 @@ def test_worker_trajectories_equal_plain_greedy_and_round_trip_the_buffer(tiny_t
     for i in range(len(batch)):
         item = batch.item(i)
         source = buffer.get(item.traj_id)
-        assert item.rejected_tokens.tolist() == source.draft_tokens[item.step][source.accept_len[item.step]:]
+        assert item.rejected_tokens.tolist() == source.draft_tokens[item.step][source.accept_len[item.step] :]
         assert item.anchor == source.anchors[item.step]
 
 
@@ -82,7 +88,13 @@ def test_batched_rollouts_equal_batch_one_trajectories():
     for i in range(5):
         a, b = one.get(f"gsm8k_train/{i}@0"), many.get(f"gsm8k_train/{i}@0")
         assert (b.input_ids, b.prompt_len, b.anchors, b.draft_tokens, b.accept_len, b.topk_ids) == (
-            a.input_ids, a.prompt_len, a.anchors, a.draft_tokens, a.accept_len, a.topk_ids)
+            a.input_ids,
+            a.prompt_len,
+            a.anchors,
+            a.draft_tokens,
+            a.accept_len,
+            a.topk_ids,
+        )
         np.testing.assert_allclose(b.committed_logprobs, a.committed_logprobs, atol=1e-4)
         np.testing.assert_allclose(np.concatenate(b.draft_logprobs), np.concatenate(a.draft_logprobs), atol=1e-4)
         np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32), atol=2e-2)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculative.decode import DecodeConfig, generate
-from speculative.target import Target
-from speculative.testbeds import tiny_model
-from speculative.verify import verify_sampling
+from draft_opd.speculative.decode import DecodeConfig, generate
+from draft_opd.speculative.target import Target
+from draft_opd.speculative.testbeds import tiny_model
+from draft_opd.speculative.verify import verify_sampling
 from tests.conftest import make_drafter
 
 P = torch.tensor([[0.05, 0.40, 0.10, 0.30, 0.15], [0.20, 0.20, 0.20, 0.20, 0.20]])
@@ -75,8 +75,12 @@ def test_speculative_decode_loop_samples_the_target_distribution(kind):
     expected = exact_two_token_distribution(target, prompt, temperature)
     counts = torch.zeros(36)
     for seed in range(runs):
-        out = generate(target, prompt, drafter, DecodeConfig(max_new_tokens=2, temperature=temperature, seed=seed,
-                                                             stop_token_ids=[]))
+        out = generate(
+            target,
+            prompt,
+            drafter,
+            DecodeConfig(max_new_tokens=2, temperature=temperature, seed=seed, stop_token_ids=[]),
+        )
         counts[out.response[0] * 6 + out.response[1]] += 1
     keep = expected * runs >= 5  # chi-square needs expected counts of at least ~5
     observed = torch.cat([counts[keep], counts[~keep].sum().view(1)])

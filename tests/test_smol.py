@@ -8,8 +8,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_prepare_smol_converts_the_gguf_once(tmp_path, monkeypatch):
-    from speculative.target import TargetConfig, load_target
-    from speculative.testbeds import prepare_smol
+    from draft_opd.speculative.target import TargetConfig, load_target
+    from draft_opd.speculative.testbeds import prepare_smol
 
     monkeypatch.setenv("DRAFT_OPD_CACHE", str(tmp_path))
     path = prepare_smol()
@@ -25,13 +25,23 @@ def test_prepare_smol_converts_the_gguf_once(tmp_path, monkeypatch):
 
 
 def test_smol_eval_with_a_random_dflash_drafter_is_lossless(tmp_path):
-    from launch.cli import main
-    from speculative.testbeds import prepare_smol
+    from draft_opd.launch.cli import main
+    from draft_opd.speculative.testbeds import prepare_smol
 
     prepare_smol()
     out = tmp_path / "smol.json"
-    main(["eval", "configs/smol.yaml", "eval.benchmarks=[gsm8k,humaneval]", "eval.num_prompts=2",
-          "eval.max_new_tokens=48", "draft.kind=dflash", "draft.init=random", f"eval.out={out}"])
+    main(
+        [
+            "eval",
+            "configs/smol.yaml",
+            "eval.benchmarks=[gsm8k,humaneval]",
+            "eval.num_prompts=2",
+            "eval.max_new_tokens=48",
+            "draft.kind=dflash",
+            "draft.init=random",
+            f"eval.out={out}",
+        ]
+    )
     rows = json.loads(out.read_text())["summaries"]
     assert [r["benchmark"] for r in rows] == ["gsm8k", "humaneval"]
     assert all(r["lossless"] is True for r in rows)

@@ -5,9 +5,10 @@ import json
 import pytest
 import ray
 
-from benchmarks import study_opd, study_sft_curve
-from benchmarks.study_opd import table
-from benchmarks.study_sft_curve import curve
+from draft_opd.studies import opd as study_opd
+from draft_opd.studies import sft_curve as study_sft_curve
+from draft_opd.studies.opd import table
+from draft_opd.studies.sft_curve import curve
 
 
 def test_curve_points_count_the_tokens_and_time_trained_before_each_scored_step():
@@ -20,24 +21,39 @@ def test_curve_points_count_the_tokens_and_time_trained_before_each_scored_step(
         {"step": 3, "phase": "sft", "trained_tokens": 80, "time": 12590.0, "step_s": 2880.0},
         {"step": 3, "phase": "final", "eval_tau": 2.0},
     ]
-    taus = {3: {"tau_mean": 2.0, "tau_pooled": 1.9}, 0: {"tau_mean": 1.0, "tau_pooled": 1.0},
-            2: {"tau_mean": 1.5, "tau_pooled": 1.4}}
+    taus = {
+        3: {"tau_mean": 2.0, "tau_pooled": 1.9},
+        0: {"tau_mean": 1.0, "tau_pooled": 1.0},
+        2: {"tau_mean": 1.5, "tau_pooled": 1.4},
+    }
     points = curve(records, taus)
     assert [p["step"] for p in points] == [0, 2, 3]
     assert [p["trained_tokens"] for p in points] == [0, 220, 300]
-    assert [p["train_hours"] for p in points] == pytest.approx([0.0, 0.2, 1.0])  # the pause before a resume is not counted
+    assert [p["train_hours"] for p in points] == pytest.approx(
+        [0.0, 0.2, 1.0]
+    )  # the pause before a resume is not counted
     assert [p["eval_tau"] for p in points] == [1.0, 1.5, 2.0]
     assert points[1]["eval_tau_pooled"] == 1.4
 
 
 def scores(tau: float, speedup: float) -> dict:
-    return {"text": {"gsm8k": {"tau_mean": tau}, "humaneval": {"tau_mean": tau - 1}},
-            "decoded": {"tau_mean": tau + 0.1, "speedup": speedup, "lossless": True}}
+    return {
+        "text": {"gsm8k": {"tau_mean": tau}, "humaneval": {"tau_mean": tau - 1}},
+        "decoded": {"tau_mean": tau + 0.1, "speedup": speedup, "lossless": True},
+    }
 
 
 def arm(seed: int, tau: float, speedup: float, verify_steps: int) -> dict:
-    return {"start": "plateau", "arm": "opd", "seed": seed, "steps": 100, "verify_steps": verify_steps,
-            "train_s": 600.0 * (seed + 1), "curve": [], **scores(tau, speedup)}
+    return {
+        "start": "plateau",
+        "arm": "opd",
+        "seed": seed,
+        "steps": 100,
+        "verify_steps": verify_steps,
+        "train_s": 600.0 * (seed + 1),
+        "curve": [],
+        **scores(tau, speedup),
+    }
 
 
 def test_study_table_gives_mean_and_half_range_over_seeds():
@@ -50,15 +66,28 @@ def test_study_table_gives_mean_and_half_range_over_seeds():
     assert (row["verify_steps"], row["train_s"]) == (400, 900)
     lines = markdown.splitlines()
     assert lines[2] == "| plateau | (start draft) | - | 1.900 | 0.900 | 2.00 | 1.10x | true | 0 | 0 | 0 |"
-    assert lines[3] == ("| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 2.30 | 1.30x | true | 100 | 400 "
-                        "| 15.0 |")
+    assert lines[3] == (
+        "| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 2.30 | 1.30x | true | 100 | 400 | 15.0 |"
+    )
 
 
-TINY_EVALS = ["train.eval_prompts=2", "train.eval_max_new_tokens=16", "eval.benchmarks=[gsm8k]",
-              "eval.num_prompts=2", "eval.max_new_tokens=16", "learner.batch_size=16", "learner.warmup_steps=1",
-              "train.checkpoint_every=2", "train.eval_every=2", "buffer.min_size_to_sample=3", "buffer.timeout_s=120",
-              "buffer.samples_per_insert=16", "buffer.ratio_tolerance=64", "rollout.num_prompts=4",
-              "rollout.max_new_tokens=32"]
+TINY_EVALS = [
+    "train.eval_prompts=2",
+    "train.eval_max_new_tokens=16",
+    "eval.benchmarks=[gsm8k]",
+    "eval.num_prompts=2",
+    "eval.max_new_tokens=16",
+    "learner.batch_size=16",
+    "learner.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=2",
+    "buffer.min_size_to_sample=3",
+    "buffer.timeout_s=120",
+    "buffer.samples_per_insert=16",
+    "buffer.ratio_tolerance=64",
+    "rollout.num_prompts=4",
+    "rollout.max_new_tokens=32",
+]
 
 
 @pytest.mark.slow
@@ -73,17 +102,50 @@ def test_study_runs_its_arms_from_both_starts_and_a_rerun_answers_from_disk(tmp_
 
 def run_curve_then_study(tmp_path):
     curve = tmp_path / "curve"
-    study_sft_curve.main(["configs/tiny.yaml", f"generate.out={curve}/corpus", "generate.num_prompts=6",
-                          "generate.max_new_tokens=32", f"train.out_dir={curve}", f"train.sft_corpus={curve}/corpus",
-                          "train.sft_steps=4", "objective.sft_anchors_per_row=4", *TINY_EVALS])
+    study_sft_curve.main(
+        [
+            "configs/tiny.yaml",
+            f"generate.out={curve}/corpus",
+            "generate.num_prompts=6",
+            "generate.max_new_tokens=32",
+            f"train.out_dir={curve}",
+            f"train.sft_corpus={curve}/corpus",
+            "train.sft_steps=4",
+            "objective.sft_anchors_per_row=4",
+            *TINY_EVALS,
+        ]
+    )
     assert [p["step"] for p in json.loads((curve / "curve.json").read_text())["points"]] == [0, 2, 4]
-    args = ["configs/tiny.yaml", "--out", str(tmp_path / "study"), "--curve-run", str(curve / "sft"),
-            "--early-step", "2", "--steps", "4", "--arms", "sft,opd-anchors-only", "--seeds", "0",
-            "--text-prompts", "3", "--decode-prompts", "2", "--max-new-tokens", "16", *TINY_EVALS]
+    args = [
+        "configs/tiny.yaml",
+        "--out",
+        str(tmp_path / "study"),
+        "--curve-run",
+        str(curve / "sft"),
+        "--early-step",
+        "2",
+        "--steps",
+        "4",
+        "--arms",
+        "sft,opd-anchors-only",
+        "--seeds",
+        "0",
+        "--text-prompts",
+        "3",
+        "--decode-prompts",
+        "2",
+        "--max-new-tokens",
+        "16",
+        *TINY_EVALS,
+    ]
     study_opd.main(args)
     table = json.loads((tmp_path / "study" / "table.json").read_text())
     assert [(r["start"], r["arm"]) for r in table["rows"]] == [
-        ("plateau", "sft"), ("plateau", "opd-anchors-only"), ("early", "sft"), ("early", "opd-anchors-only")]
+        ("plateau", "sft"),
+        ("plateau", "opd-anchors-only"),
+        ("early", "sft"),
+        ("early", "opd-anchors-only"),
+    ]
     assert all(r["steps"] == 4 and r["tau_gsm8k"][0] >= 1.0 and r["lossless"] for r in table["rows"])
     # the curve: the start draft, the checkpoint at step 2 (checkpoint_every) and the final draft
     assert all([p[0] for p in r["curve"]] == [0, 2, 4] for r in table["runs"])

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from speculative.target import Target, TargetConfig, TargetNotFoundError, load_target
-from speculative.testbeds import tiny_model, tiny_tokenizer
+from draft_opd.speculative.pretrained import TargetNotFoundError
+from draft_opd.speculative.target import Target, TargetConfig, load_target
+from draft_opd.speculative.testbeds import tiny_model, tiny_tokenizer
 
 
 def test_forward_matches_the_hf_model_logits_and_hidden_states():
@@ -62,8 +63,9 @@ def test_local_directory_loads(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path)
     target = load_target(TargetConfig(path=str(tmp_path)), [1])
     ids = torch.arange(5)
-    torch.testing.assert_close(target.forward(ids, 0, None).logits,
-                               Target(tiny_model(), None, [1]).forward(ids, 0, None).logits)
+    torch.testing.assert_close(
+        target.forward(ids, 0, None).logits, Target(tiny_model(), None, [1]).forward(ids, 0, None).logits
+    )
     assert target.tokenizer.eos_token_id == 258
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmarks.protocol import TurnResult, summarize
-from speculative.tau import tau_mean, tau_pooled
+from draft_opd.evaluation.protocol import TurnResult, summarize
+from draft_opd.speculative.tau import tau_mean, tau_pooled
 
 
 def test_mean_of_means_and_pooled_differ_as_defined():
@@ -19,7 +19,18 @@ def test_sequences_without_a_verify_step_are_left_out():
 
 
 def test_the_eval_protocol_reports_both_through_it():
-    turns = [TurnResult(conversation=c, turn=0, prompt_tokens=5, new_tokens=9, lossless=True, tpot_plain=0.02,
-                        tpot_spec=0.01, taus=taus) for c, taus in (("a", [1, 3]), ("b", [4]))]
+    turns = [
+        TurnResult(
+            conversation=c,
+            turn=0,
+            prompt_tokens=5,
+            new_tokens=9,
+            lossless=True,
+            tpot_plain=0.02,
+            tpot_spec=0.01,
+            taus=taus,
+        )
+        for c, taus in (("a", [1, 3]), ("b", [4]))
+    ]
     summary = summarize("gsm8k", 2, turns)
     assert summary.tau_mean == pytest.approx(3.0) and summary.tau_pooled == pytest.approx(8 / 3)

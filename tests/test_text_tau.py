@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from speculative.decode import DecodeConfig, DecodeResult, generate
-from speculative.tau import tau_mean
-from speculative.text_tau import greedy_accept_lens, text_labels
+from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
+from draft_opd.speculative.tau import tau_mean
+from draft_opd.speculative.text_tau import greedy_accept_lens, text_labels
 from tests.conftest import make_drafter
 
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [250, 7]]
@@ -26,8 +26,10 @@ def fit_to(drafter, refs: list[DecodeResult], steps: int = 60) -> None:
             anchors = torch.arange(max(ref.prompt_len - 1, 1), len(ref.tokens) - 1)
             labels, mask = text_labels(ids, anchors, width)
             logits = drafter(ref.features.clone(), ids, anchors, labels[:, : width - 1])
-            loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-                    * mask.flatten()).mean()
+            loss = (
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+                * mask.flatten()
+            ).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

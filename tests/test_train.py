@@ -16,19 +16,32 @@ import ray
 from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from launch.config import ConfigError, load_config, to_yaml
-from launch.run_dir import RunDir
-from launch.train import train
-from learner.engine import free_port
-from speculative.drafter import load_drafter
-from speculative.target import Target
-from speculative.testbeds import tiny_model, tiny_tokenizer
+from draft_opd.launch.config import ConfigError, load_config, to_yaml
+from draft_opd.launch.run_dir import RunDir
+from draft_opd.launch.train import train
+from draft_opd.learner.engine import free_port
+from draft_opd.speculative.loading import load_drafter
+from draft_opd.speculative.target import Target
+from draft_opd.speculative.testbeds import tiny_model, tiny_tokenizer
 
-SHORT_RUN = ["train.sft_steps=20", "train.opd_steps=10", "train.publish_every=5", "rollout.num_prompts=4",
-             "rollout.max_new_tokens=32", "learner.batch_size=16", "learner.lr=2e-3", "learner.warmup_steps=2",
-             "train.eval_benchmark=gsm8k_train", "train.eval_prompts=4", "train.eval_max_new_tokens=32",
-             "train.eval_every=12", "buffer.min_size_to_sample=3", "buffer.timeout_s=120",
-             "buffer.samples_per_insert=16", "buffer.ratio_tolerance=64"]
+SHORT_RUN = [
+    "train.sft_steps=20",
+    "train.opd_steps=10",
+    "train.publish_every=5",
+    "rollout.num_prompts=4",
+    "rollout.max_new_tokens=32",
+    "learner.batch_size=16",
+    "learner.lr=2e-3",
+    "learner.warmup_steps=2",
+    "train.eval_benchmark=gsm8k_train",
+    "train.eval_prompts=4",
+    "train.eval_max_new_tokens=32",
+    "train.eval_every=12",
+    "buffer.min_size_to_sample=3",
+    "buffer.timeout_s=120",
+    "buffer.samples_per_insert=16",
+    "buffer.ratio_tolerance=64",
+]
 
 
 def scrape_gauges(url: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -36,8 +49,9 @@ def scrape_gauges(url: str, name: str) -> list[tuple[dict[str, str], float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == name]
+    return [
+        (s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+    ]
 
 
 def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
@@ -45,8 +59,13 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
     holds a TensorBoard event file with the same scalars, and a log (not a terminal) gets progress lines."""
     cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}"])
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     scraped, done = [], threading.Event()
 
     def scrape() -> None:
@@ -68,7 +87,8 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
     lines = log.getvalue().splitlines()
     assert any(line.startswith("step 1/30 [sft] loss") and "ETA" in line for line in lines), lines
     assert any(line.startswith("step 20/30 [sft]") for line in lines) or any(  # phase change -> a line
-        line.startswith("step 21/30 [opd] loss") and " tau " in line for line in lines), lines
+        line.startswith("step 21/30 [opd] loss") and " tau " in line for line in lines
+    ), lines
     assert any(line.startswith("step 30/30 [opd]") and "ETA 0m00s" in line for line in lines), lines
     taus = [value for labels, value in scraped if labels.get("actor") == "rollout-0" and labels.get("run") == "tiny"]
     assert taus and all(value >= 1.0 for value in taus), scraped[:5]
@@ -93,18 +113,37 @@ def test_short_tiny_run_raises_tau_on_its_training_prompts(tmp_path):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_training_job(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir . -- python -m launch.train ...`, as on a cluster."""
+    """`ray start --head` + `ray job submit --working-dir . -- python -m draft_opd.launch.train ...`,
+    as on a cluster."""
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's dashboard API wants the token of ~/.ray/auth_token
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # job drivers run the cluster's `python`
     dashboard = "http://127.0.0.1:8265"
-    subprocess.run([bin_dir / "ray", "start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1"], check=True,
-                   env=env, capture_output=True)
+    subprocess.run(
+        [bin_dir / "ray", "start", "--head", "--num-cpus=4", "--dashboard-host=127.0.0.1"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     try:
         out_dir = tmp_path / "runs"
-        submit = [bin_dir / "ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--", "python",
-                  "-m", "launch.train", "configs/tiny.yaml", *SHORT_RUN, f"train.out_dir={out_dir}"]
+        submit = [
+            bin_dir / "ray",
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "draft_opd.launch.train",
+            "configs/tiny.yaml",
+            *SHORT_RUN,
+            f"train.out_dir={out_dir}",
+        ]
         for _ in range(60):  # the job server and its agent come up some seconds after `ray start` returns
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
             if not any(s in job.stderr for s in ("No available agent", "Failed to connect", "Connection refused")):
@@ -121,15 +160,26 @@ def test_ray_job_submit_runs_the_training_job(tmp_path):
 
 def run_job(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "launch.train", "configs/tiny.yaml", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "draft_opd.launch.train", "configs/tiny.yaml", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def test_a_finished_run_answers_at_once_without_starting_ray(tmp_path, capsys):
     run = tmp_path / "tiny"
     run.mkdir()
-    summary = {"tau_before": 1.0, "tau_after": 1.5, "steps": 30, "draft": str(run / "draft"), "wall_s": 60.0,
-               "learner_restarts": 0}
+    summary = {
+        "tau_before": 1.0,
+        "tau_after": 1.5,
+        "steps": 30,
+        "draft": str(run / "draft"),
+        "wall_s": 60.0,
+        "learner_restarts": 0,
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}", "resume=auto"])
     assert train(cfg) == summary
@@ -143,7 +193,8 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     the keys that differ, before any process starts."""
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.yaml").write_text(
-        to_yaml(load_config("configs/tiny.yaml", ["draft.block_size=4", f"train.out_dir={tmp_path}"])))
+        to_yaml(load_config("configs/tiny.yaml", ["draft.block_size=4", f"train.out_dir={tmp_path}"]))
+    )
     cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path}", "resume=auto", "train.eval_every=7"])
     with pytest.raises(ValueError, match=r"other settings \(draft.block_size: 4 -> 8\); resume it") as err:
         train(cfg)
@@ -166,14 +217,15 @@ def test_a_stage_past_its_deadline_stops_the_job_naming_it(tmp_path):
 def test_offline_sft_on_a_corpus_then_online_opd(tmp_path):
     """train.sft_corpus: the SFT phase samples a corpus of target text while no rollout runs (the rollout buffer
     stays empty), then OPD starts the rollouts; held-out tau rises."""
-    from actors.rollout import RolloutConfig, RolloutWorker
-    from buffer import BufferConfig, ReplayBuffer
+    from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
+    from draft_opd.buffer import BufferConfig, ReplayBuffer
 
     base = load_config("configs/tiny.yaml", SHORT_RUN)
     with ReplayBuffer(BufferConfig(dir=str(tmp_path / "corpus"))) as corpus:  # T=0: the target's own text
         RolloutWorker(base.target, base.draft, RolloutConfig(num_prompts=4, max_new_tokens=32), 0, corpus).run(4)
-    cfg = load_config("configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}",
-                                                        f"train.sft_corpus={tmp_path / 'corpus'}"])
+    cfg = load_config(
+        "configs/tiny.yaml", SHORT_RUN + [f"train.out_dir={tmp_path}", f"train.sft_corpus={tmp_path / 'corpus'}"]
+    )
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         summary = train(cfg, Console(file=io.StringIO()))
@@ -195,7 +247,7 @@ def test_a_missing_corpus_is_refused_at_load(tmp_path):
 def test_a_fleet_with_nothing_in_flight_waits_instead_of_spinning():
     """During offline SFT no rollout is in flight; ray.wait([]) returns at once, so harvest must sleep its wait
     (a driver polling it in a loop burnt a third of a core and slowed the learner 1.7x)."""
-    from launch.rollout_fleet import RolloutFleet
+    from draft_opd.launch.rollout_fleet import RolloutFleet
 
     fleet = RolloutFleet.__new__(RolloutFleet)  # no actors: only the wait is under test
     fleet.pending = {}

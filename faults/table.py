@@ -1,6 +1,6 @@
 """Fault table: inject each fault into a short tiny-target training job and report what happened.
 
-Each row is one job (`python -m launch.train configs/tiny.yaml ...` in its own process, with its own
+Each row is one job (`python -m draft_opd.launch.train configs/tiny.yaml ...` in its own process, with its own
 local Ray cluster) and one real fault:
 - rollout actor SIGKILL mid-rollout; learner rank SIGKILL; learner rank SIGSTOP (a hang only a
   timeout can notice): the job recovers in place;
@@ -14,7 +14,7 @@ segment of a killed job, a corrupt segment), prompts missing (prompts of the str
 furthest one in the final buffer, that it lacks: 0 means the rows lost to a kill were rolled out
 again; a corrupt segment's prompts are not, the stream has moved past them).
 
-    python -m benchmarks.bench_faults [--out runs/bench-faults.json]
+    python -m draft_opd.faults.table [--out runs/bench-faults.json]
 """
 
 from __future__ import annotations
@@ -34,18 +34,40 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fault_injection import (flip_bytes, kill_tree, loadable_ids, segment_ids,
-                                        stream_gaps, wait_for, worker_pids)
-from launch.config import load_config
-from launch.run_dir import RunDir
+from draft_opd.faults.injection import (
+    flip_bytes,
+    kill_tree,
+    loadable_ids,
+    segment_ids,
+    stream_gaps,
+    wait_for,
+    worker_pids,
+)
+from draft_opd.launch.config import load_config
+from draft_opd.launch.run_dir import RunDir
 
 STEPS = 40
-JOB = ["configs/tiny.yaml", "train.sft_steps=30", "train.opd_steps=10", "train.checkpoint_every=10",
-       "train.publish_every=5", "rollout.num_prompts=8", "rollout.max_new_tokens=32", "learner.batch_size=16",
-       "learner.lr=2e-3", "learner.warmup_steps=2", "learner.timeout_s=8", "train.wait_retries=1",
-       "train.eval_benchmark=gsm8k_train", "train.eval_prompts=2", "train.eval_max_new_tokens=16",
-       "buffer.min_size_to_sample=3", "buffer.timeout_s=120", "buffer.samples_per_insert=16",
-       "buffer.ratio_tolerance=64"]
+JOB = [
+    "configs/tiny.yaml",
+    "train.sft_steps=30",
+    "train.opd_steps=10",
+    "train.checkpoint_every=10",
+    "train.publish_every=5",
+    "rollout.num_prompts=8",
+    "rollout.max_new_tokens=32",
+    "learner.batch_size=16",
+    "learner.lr=2e-3",
+    "learner.warmup_steps=2",
+    "learner.timeout_s=8",
+    "train.wait_retries=1",
+    "train.eval_benchmark=gsm8k_train",
+    "train.eval_prompts=2",
+    "train.eval_max_new_tokens=16",
+    "buffer.min_size_to_sample=3",
+    "buffer.timeout_s=120",
+    "buffer.samples_per_insert=16",
+    "buffer.ratio_tolerance=64",
+]
 
 
 @dataclass
@@ -62,8 +84,13 @@ class Row:
 def start_job(out_dir: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (out_dir / "job.log").open("w")  # a pipe could fill up and stall the job
-    return subprocess.Popen([sys.executable, "-m", "launch.train", *JOB, f"train.out_dir={out_dir}", *extra],
-                            env=env, stdout=log, stderr=log, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "draft_opd.launch.train", *JOB, f"train.out_dir={out_dir}", *extra],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def finish(job: subprocess.Popen, out_dir: Path, timeout_s: float = 600) -> str:
@@ -73,8 +100,11 @@ def finish(job: subprocess.Popen, out_dir: Path, timeout_s: float = 600) -> str:
 
 def after_checkpoint(run_dir: Path, job: subprocess.Popen) -> None:
     run = RunDir(run_dir)
-    wait_for(lambda: (run.checkpoint(10) / "state.json").exists() and run.last_step() >= 13,
-             "step 13, past the checkpoint at step 10", running=lambda: job.poll() is None)
+    wait_for(
+        lambda: (run.checkpoint(10) / "state.json").exists() and run.last_step() >= 13,
+        "step 13, past the checkpoint at step 10",
+        running=lambda: job.poll() is None,
+    )
 
 
 def redone(run_dir: Path) -> int:
@@ -104,8 +134,15 @@ def in_place(name: str, out_dir: Path, actor_class: str, sig: signal.Signals) ->
     at_fault = segment_ids(run_dir)
     finish(job, out_dir)
     faults = [r for r in RunDir(run_dir).records() if r["phase"] == "fault"]
-    return Row(name, bool(faults), completed(run_dir), redone(run_dir), len(at_fault - loadable_ids(run_dir)),
-               prompts_missing(run_dir), time.perf_counter() - started)
+    return Row(
+        name,
+        bool(faults),
+        completed(run_dir),
+        redone(run_dir),
+        len(at_fault - loadable_ids(run_dir)),
+        prompts_missing(run_dir),
+        time.perf_counter() - started,
+    )
 
 
 def killed_job(name: str, out_dir: Path, corrupt: bool) -> Row:
@@ -120,8 +157,15 @@ def killed_job(name: str, out_dir: Path, corrupt: bool) -> Row:
     lost = len(at_fault - loadable_ids(run_dir))
     log = finish(start_job(out_dir, "resume=auto"), out_dir)
     detected = "skipped" in log if corrupt else "checkpoints/step-0000010" in log
-    return Row(name, detected, completed(run_dir), killed_at - 10, lost, prompts_missing(run_dir),
-               time.perf_counter() - started)
+    return Row(
+        name,
+        detected,
+        completed(run_dir),
+        killed_at - 10,
+        lost,
+        prompts_missing(run_dir),
+        time.perf_counter() - started,
+    )
 
 
 SCENARIOS = [
@@ -144,12 +188,18 @@ def main() -> None:
             rows.append(scenario(name, Path(tmp)))
         console.print(rows[-1])
     table = Table(title=f"Faults in a {STEPS}-step tiny-target training job (checkpoint every 10 steps)")
-    for column in ("fault", "detected", "recovered", "steps redone", "trajectories lost", "prompts missing",
-                   "wall s"):
+    for column in ("fault", "detected", "recovered", "steps redone", "trajectories lost", "prompts missing", "wall s"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.fault, str(r.detected), str(r.recovered), str(r.steps_redone), str(r.trajectories_lost),
-                      str(r.prompts_missing), f"{r.wall_s:.0f}")
+        table.add_row(
+            r.fault,
+            str(r.detected),
+            str(r.recovered),
+            str(r.steps_redone),
+            str(r.trajectories_lost),
+            str(r.prompts_missing),
+            f"{r.wall_s:.0f}",
+        )
     console.print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps([asdict(r) for r in rows], indent=2))

@@ -7,21 +7,22 @@ A study scores every checkpoint of every arm this way; `draft-opd eval` measures
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from actors.rollout import Request, decode_requests
-from benchmarks.datasets import load_benchmark
-from launch.config import Config
-from launch.run_dir import RunDir
-from speculative.decode import DecodeConfig
-from speculative.drafter import Drafter, make_drafter
-from speculative.target import Target, load_target
-from speculative.tau import tau_mean, tau_pooled
-from speculative.text_tau import greedy_accept_lens
+from draft_opd.actors.rollout import Request, decode_requests
+from draft_opd.launch.config import Config
+from draft_opd.launch.run_dir import RunDir
+from draft_opd.prompts.sets import load_benchmark
+from draft_opd.speculative.decode import DecodeConfig
+from draft_opd.speculative.drafter import Drafter
+from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.target import Target, load_target
+from draft_opd.speculative.tau import tau_mean, tau_pooled
+from draft_opd.speculative.text_tau import greedy_accept_lens
 
 
 @dataclass
@@ -31,8 +32,9 @@ class Reference:
     features: torch.Tensor  # [len(tokens), F], the target's
 
 
-def reference_texts(cfg: Config, target: Target, benchmark: str, prompts: int, max_new_tokens: int, path: Path,
-                    batch_size: int = 16) -> list[Reference]:
+def reference_texts(
+    cfg: Config, target: Target, benchmark: str, prompts: int, max_new_tokens: int, path: Path, batch_size: int = 16
+) -> list[Reference]:
     """The target's greedy responses to the first `prompts` prompts of `benchmark`, cached at `path`."""
     if path.exists():
         return [Reference(**r) for r in torch.load(path, weights_only=False)]

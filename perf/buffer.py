@@ -14,7 +14,7 @@ IPC (validation, dedup, indexing, sealing with fsync + CRC) should stay small. E
   the buffer delivers more per block than the raw op does).
 Positions are draft positions (accepted + rejected proposals). Best of `--repeats` runs.
 
-    python -m benchmarks.bench_buffer [--trajectories 2000] [--out runs/bench-buffer.json]
+    python -m draft_opd.perf.buffer [--trajectories 2000] [--out runs/bench-buffer.json]
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from buffer import BufferConfig, ReplayBuffer, Trajectory, validate
+from draft_opd.buffer import BufferConfig, ReplayBuffer, Trajectory, validate
 
 PROMPT_LEN, STEPS, BLOCK, VOCAB = 100, 100, 16, 151_000
 SAMPLE_BATCH, SAMPLE_CALLS = 256, 200
@@ -45,12 +45,20 @@ def synthetic_trajectory(rng: np.random.Generator, i: int) -> Trajectory:
     anchors = PROMPT_LEN - 1 + np.concatenate([[0], np.cumsum(accept + 1)[:-1]])
     drafts = rng.integers(0, VOCAB, (STEPS, n_draft), dtype=np.int32)
     for step, (a, k) in enumerate(zip(anchors, accept)):
-        drafts[step, :k] = input_ids[a + 1:a + 1 + k]
+        drafts[step, :k] = input_ids[a + 1 : a + 1 + k]
         if k < n_draft and drafts[step, k] == input_ids[a + 1 + k]:
             drafts[step, k] = (drafts[step, k] + 1) % VOCAB
     return Trajectory(
-        traj_id=f"traj-{i}", prompt_id=f"prompt-{i}", draft_version=0, actor_id="bench", created_at=time.time(),
-        input_ids=input_ids, prompt_len=PROMPT_LEN, anchors=anchors, draft_tokens=drafts, accept_len=accept,
+        traj_id=f"traj-{i}",
+        prompt_id=f"prompt-{i}",
+        draft_version=0,
+        actor_id="bench",
+        created_at=time.time(),
+        input_ids=input_ids,
+        prompt_len=PROMPT_LEN,
+        anchors=anchors,
+        draft_tokens=drafts,
+        accept_len=accept,
         committed_logprobs=-rng.random(len(committed), dtype=np.float32),
         draft_logprobs=-rng.random((STEPS, n_draft), dtype=np.float32),
     )
@@ -107,8 +115,15 @@ def sample_many(buf: ReplayBuffer) -> tuple[float, int, list[np.ndarray]]:
     batches = [buf.sample(SAMPLE_BATCH) for _ in range(SAMPLE_CALLS)]
     seconds = time.perf_counter() - start
     first_step = {}  # traj_id -> index of its first step in step_columns (rows are in traj-i order)
-    picks = [np.array([first_step.setdefault(b.traj_ids[t], int(b.traj_ids[t].split("-")[1]) * STEPS) + s
-                       for t, s in zip(b.traj_index, b.step)]) for b in batches]
+    picks = [
+        np.array(
+            [
+                first_step.setdefault(b.traj_ids[t], int(b.traj_ids[t].split("-")[1]) * STEPS) + s
+                for t, s in zip(b.traj_index, b.step)
+            ]
+        )
+        for b in batches
+    ]
     return seconds, sum(int(b.n_draft.sum()) for b in batches), picks
 
 
@@ -117,12 +132,25 @@ def draft_positions(batch: pa.RecordBatch) -> int:
     return int(offsets[-1] - offsets[0])
 
 
-def row(op: str, seconds: float, trajectories: int | None, positions: int,
-        raw_op: str, raw_seconds: float, raw_trajectories: int, raw_positions: int) -> dict:
-    return {"op": op, "traj_per_s": trajectories / seconds if trajectories else None,
-            "positions_per_s": positions / seconds, "raw_op": raw_op,
-            "raw_traj_per_s": raw_trajectories / raw_seconds if raw_trajectories else None, "raw_positions_per_s": raw_positions / raw_seconds,
-            "ratio": (positions / seconds) / (raw_positions / raw_seconds)}
+def row(
+    op: str,
+    seconds: float,
+    trajectories: int | None,
+    positions: int,
+    raw_op: str,
+    raw_seconds: float,
+    raw_trajectories: int,
+    raw_positions: int,
+) -> dict:
+    return {
+        "op": op,
+        "traj_per_s": trajectories / seconds if trajectories else None,
+        "positions_per_s": positions / seconds,
+        "raw_op": raw_op,
+        "raw_traj_per_s": raw_trajectories / raw_seconds if raw_trajectories else None,
+        "raw_positions_per_s": raw_positions / raw_seconds,
+        "ratio": (positions / seconds) / (raw_positions / raw_seconds),
+    }
 
 
 def main() -> None:
@@ -140,7 +168,7 @@ def main() -> None:
     validate_s = best_of(args.repeats, lambda: [validate(b) for b in batches])
     n, positions = len(batches), sum(draft_positions(b) for b in batches)
 
-    chunks = [pa.concat_batches(batches[i:i + INSERT_BATCH]) for i in range(0, n, INSERT_BATCH)]
+    chunks = [pa.concat_batches(batches[i : i + INSERT_BATCH]) for i in range(0, n, INSERT_BATCH)]
     with tempfile.TemporaryDirectory() as tmp:
         raw_path, raw_chunks_path = Path(tmp) / "raw.arrow", Path(tmp) / "raw-chunks.arrow"
         config = BufferConfig(capacity=n, dir=str(Path(tmp) / "buffer"))
@@ -159,19 +187,49 @@ def main() -> None:
     raw_take_s = best_of(args.repeats, lambda: raw_take_blocks(steps, picks))
 
     report = {
-        "trajectories": n, "draft_positions": positions, "mib": sum(b.nbytes for b in batches) / 2**20,
-        "tokens_per_traj": float(np.mean([len(t.input_ids) for t in trajectories])), "block": BLOCK, "steps": STEPS,
-        "repeats": args.repeats, "to_record_batch_traj_per_s": n / to_batch_s, "validate_traj_per_s": n / validate_s,
+        "trajectories": n,
+        "draft_positions": positions,
+        "mib": sum(b.nbytes for b in batches) / 2**20,
+        "tokens_per_traj": float(np.mean([len(t.input_ids) for t in trajectories])),
+        "block": BLOCK,
+        "steps": STEPS,
+        "repeats": args.repeats,
+        "to_record_batch_traj_per_s": n / to_batch_s,
+        "validate_traj_per_s": n / validate_s,
         "sample_items_per_s": SAMPLE_CALLS * SAMPLE_BATCH / sample_s,
         "rows": [
             row("insert (persisted)", insert_s, n, positions, "ipc write", raw_write_s, n, positions),
-            row(f"insert x{INSERT_BATCH}/call", insert_chunks_s, n, positions, f"ipc write x{INSERT_BATCH}",
-                raw_write_chunks_s, n, positions),
+            row(
+                f"insert x{INSERT_BATCH}/call",
+                insert_chunks_s,
+                n,
+                positions,
+                f"ipc write x{INSERT_BATCH}",
+                raw_write_chunks_s,
+                n,
+                positions,
+            ),
             row("reopen (load)", reopen_s, n, positions, "ipc read", raw_read_s, n, positions),
-            row(f"reopen x{INSERT_BATCH} segs", reopen_chunks_s, n, positions, f"ipc read x{INSERT_BATCH}",
-                raw_read_chunks_s, n, positions),
-            row(f"sample (batch {SAMPLE_BATCH})", sample_s, None, sampled_positions,
-                "take blocks", raw_take_s, 0, sampled_positions),
+            row(
+                f"reopen x{INSERT_BATCH} segs",
+                reopen_chunks_s,
+                n,
+                positions,
+                f"ipc read x{INSERT_BATCH}",
+                raw_read_chunks_s,
+                n,
+                positions,
+            ),
+            row(
+                f"sample (batch {SAMPLE_BATCH})",
+                sample_s,
+                None,
+                sampled_positions,
+                "take blocks",
+                raw_take_s,
+                0,
+                sampled_positions,
+            ),
         ],
     }
     print_table(report)
@@ -182,20 +240,28 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"{report['trajectories']} trajectories, {report['mib']:.1f} MiB, ~{report['tokens_per_traj']:.0f} tokens, "
-          f"block {report['block']}, {report['steps']} steps, best of {report['repeats']}")
-    print(f"Trajectory.to_record_batch {report['to_record_batch_traj_per_s']:.0f} traj/s, "
-          f"validate alone {report['validate_traj_per_s']:.0f} traj/s, "
-          f"sample {report['sample_items_per_s']:.0f} items/s")
-    header = (f"{'buffer op':<20}{'traj/s':>10}{'positions/s':>14}   "
-              f"{'raw pyarrow':<14}{'traj/s':>10}{'positions/s':>14}{'ratio':>8}")
+    print(
+        f"{report['trajectories']} trajectories, {report['mib']:.1f} MiB, ~{report['tokens_per_traj']:.0f} tokens, "
+        f"block {report['block']}, {report['steps']} steps, best of {report['repeats']}"
+    )
+    print(
+        f"Trajectory.to_record_batch {report['to_record_batch_traj_per_s']:.0f} traj/s, "
+        f"validate alone {report['validate_traj_per_s']:.0f} traj/s, "
+        f"sample {report['sample_items_per_s']:.0f} items/s"
+    )
+    header = (
+        f"{'buffer op':<20}{'traj/s':>10}{'positions/s':>14}   "
+        f"{'raw pyarrow':<14}{'traj/s':>10}{'positions/s':>14}{'ratio':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
         traj = f"{r['traj_per_s']:.0f}" if r["traj_per_s"] is not None else "-"
         raw_traj = f"{r['raw_traj_per_s']:.0f}" if r["raw_traj_per_s"] is not None else "-"
-        print(f"{r['op']:<20}{traj:>10}{r['positions_per_s']:>14.3g}   {r['raw_op']:<14}{raw_traj:>10}"
-              f"{r['raw_positions_per_s']:>14.3g}{r['ratio']:>8.2f}")
+        print(
+            f"{r['op']:<20}{traj:>10}{r['positions_per_s']:>14.3g}   {r['raw_op']:<14}{raw_traj:>10}"
+            f"{r['raw_positions_per_s']:>14.3g}{r['ratio']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

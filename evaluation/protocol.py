@@ -10,15 +10,22 @@ turns build on the earlier turns and the target's own answers.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
-from benchmarks.chat import render_prompt
-from benchmarks.datasets import Conversation
-from speculative.decode import ContextTooLongError, DecodeConfig, DecodeResult, block_size_of, check_context, generate
-from speculative.drafter import Drafter
-from speculative.target import Target
-from speculative.tau import tau_mean, tau_pooled
+from draft_opd.prompts.chat import render_prompt
+from draft_opd.prompts.sets import Conversation
+from draft_opd.speculative.decode import (
+    ContextTooLongError,
+    DecodeConfig,
+    DecodeResult,
+    block_size_of,
+    check_context,
+    generate,
+)
+from draft_opd.speculative.drafter import Drafter
+from draft_opd.speculative.target import Target
+from draft_opd.speculative.tau import tau_mean, tau_pooled
 
 
 @dataclass
@@ -73,35 +80,40 @@ def summarize(benchmark: str, prompts: int, turns: list[TurnResult]) -> Benchmar
     )
 
 
-def decode_turn(target: Target, drafter: Drafter | None, prompt: list[int], cfg: DecodeConfig
-                ) -> tuple[DecodeResult, DecodeResult | None]:
+def decode_turn(
+    target: Target, drafter: Drafter | None, prompt: list[int], cfg: DecodeConfig
+) -> tuple[DecodeResult, DecodeResult | None]:
     plain = generate(target, prompt, None, cfg)
     spec = generate(target, prompt, drafter, cfg) if drafter is not None else None
     return plain, spec
 
 
-def check_turn_fits(target: Target, drafter: Drafter | None, conv: Conversation, turn: int, prompt: list[int],
-                    cfg: DecodeConfig) -> None:
+def check_turn_fits(
+    target: Target, drafter: Drafter | None, conv: Conversation, turn: int, prompt: list[int], cfg: DecodeConfig
+) -> None:
     """A turn too long for the target's context is an error naming the prompt: skipping it or cutting its
     output short would silently change what the benchmark measures."""
     try:
         check_context(target, len(prompt), cfg.max_new_tokens, block_size_of(drafter, cfg))
     except ContextTooLongError as err:
-        raise ContextTooLongError(f"{conv.benchmark}/{conv.id}, turn {turn + 1}: {err.problem}",
-                                  f"lower eval.max_new_tokens, or leave this prompt out (data.{conv.benchmark}=PATH "
-                                  "to a copy without it)") from None
+        raise ContextTooLongError(
+            f"{conv.benchmark}/{conv.id}, turn {turn + 1}: {err.problem}",
+            f"lower eval.max_new_tokens, or leave this prompt out (data.{conv.benchmark}=PATH to a copy without it)",
+        ) from None
 
 
-def check_first_turns_fit(target: Target, drafter: Drafter | None, conversations: list[Conversation],
-                          cfg: DecodeConfig, thinking: bool) -> None:
+def check_first_turns_fit(
+    target: Target, drafter: Drafter | None, conversations: list[Conversation], cfg: DecodeConfig, thinking: bool
+) -> None:
     """Fail before any decoding; later turns hold the target's answers, so they are checked as they come."""
     for conv in conversations:
         prompt = render_prompt(target.tokenizer, [{"role": "user", "content": conv.turns[0]}], thinking)
         check_turn_fits(target, drafter, conv, 0, prompt, cfg)
 
 
-def run_conversation(target: Target, drafter: Drafter | None, conv: Conversation, cfg: DecodeConfig,
-                     thinking: bool) -> list[TurnResult]:
+def run_conversation(
+    target: Target, drafter: Drafter | None, conv: Conversation, cfg: DecodeConfig, thinking: bool
+) -> list[TurnResult]:
     messages: list[dict[str, str]] = []
     results = []
     for i, turn in enumerate(conv.turns):
@@ -110,19 +122,32 @@ def run_conversation(target: Target, drafter: Drafter | None, conv: Conversation
         check_turn_fits(target, drafter, conv, i, prompt, cfg)
         plain, spec = decode_turn(target, drafter, prompt, cfg)
         lossless = spec is None or cfg.temperature > 0 or spec.tokens == plain.tokens
-        results.append(TurnResult(
-            conversation=conv.id, turn=i, prompt_tokens=len(prompt), new_tokens=plain.num_new_tokens,
-            lossless=lossless, tpot_plain=plain.time_per_output_token,
-            tpot_spec=spec.time_per_output_token if spec else None,
-            taus=[s.tau for s in spec.steps] if spec else []))
+        results.append(
+            TurnResult(
+                conversation=conv.id,
+                turn=i,
+                prompt_tokens=len(prompt),
+                new_tokens=plain.num_new_tokens,
+                lossless=lossless,
+                tpot_plain=plain.time_per_output_token,
+                tpot_spec=spec.time_per_output_token if spec else None,
+                taus=[s.tau for s in spec.steps] if spec else [],
+            )
+        )
         answer = target.tokenizer.decode(plain.response, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
     return results
 
 
-def run_benchmark(target: Target, drafter: Drafter | None, name: str, conversations: list[Conversation],
-                  cfg: DecodeConfig, thinking: bool, on_turn: Callable[[TurnResult], None] | None = None
-                  ) -> tuple[BenchmarkSummary, list[TurnResult]]:
+def run_benchmark(
+    target: Target,
+    drafter: Drafter | None,
+    name: str,
+    conversations: list[Conversation],
+    cfg: DecodeConfig,
+    thinking: bool,
+    on_turn: Callable[[TurnResult], None] | None = None,
+) -> tuple[BenchmarkSummary, list[TurnResult]]:
     turns: list[TurnResult] = []
     for conv in conversations:
         for result in run_conversation(target, drafter, conv, cfg, thinking):

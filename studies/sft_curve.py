@@ -8,13 +8,13 @@ resumable and skipped once done, so an interrupted `make curve` picks up where i
 2. `draft-opd train`: offline SFT on that corpus (bf16 learner, many anchors per row), checkpointed every
    200 steps and every checkpoint kept;
 3. held-out tau of the initial draft, of every checkpoint and of the final draft on the first 50 GSM8K test
-   prompts x 128 new tokens, fp32 target, walked on the target's greedy text (`benchmarks.text_eval`: the
+   prompts x 128 new tokens, fp32 target, walked on the target's greedy text (`studies.text_eval`: the
    accept lengths decoding records, without decoding); then OUT/curve.json and OUT/curve.png.
    Why after training and not during: a decoded evaluation beside the learner shares its 2 cores and
    slowed it up to 4x for the quarter hour it took (see the README); scored afterwards, one checkpoint
    costs about a minute.
 
-    python -m benchmarks.study_sft_curve configs/smol.yaml [key=value ...]   (overrides apply to both runs)
+    python -m draft_opd.studies.sft_curve configs/smol.yaml [key=value ...]   (overrides apply to both runs)
 """
 
 from __future__ import annotations
@@ -23,24 +23,44 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.text_eval import TextScorer, checkpoint_states
-from launch.config import load_config
-from launch.generate import generate_corpus
-from launch.run_dir import RunDir, step_records, training_seconds
-from launch.train import train
+from draft_opd.launch.config import load_config
+from draft_opd.launch.generate import generate_corpus
+from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
+from draft_opd.launch.train import train
+from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
 OUT = "runs/curve"
-GENERATE = [f"generate.out={OUT}/corpus", "generate.num_prompts=2016", "generate.batch_size=32",
-            "generate.max_new_tokens=128", "generate.store_features=true",
-            "target.dtype=bfloat16"]  # bf16 decodes 2x faster here; the corpus needs no bit-exact match
-TRAIN = [f"train.out_dir={OUT}", "name=sft", f"train.sft_corpus={OUT}/corpus", "train.sft_steps=1500",
-         "train.opd_steps=0", "learner.dtype=bfloat16", "learner.batch_size=256", "objective.sft_anchors_per_row=32",
-         "learner.lr=1e-3", "learner.lr_schedule=cosine", "learner.warmup_steps=50",
-         "train.eval_every=0", "train.eval_prompts=2", "train.eval_max_new_tokens=32",  # the run's own check only:
-         "rollout.num_actors=1", "rollout.threads=1",  # the curve's points are scored afterwards (stage 3)
-         "train.publish_every=100", "train.checkpoint_every=200",
-         "train.keep_checkpoints=9",  # every checkpoint stays: the OPD study branches from early ones too
-         "train.stage_timeout_s=3600", "resume=auto"]
+GENERATE = [
+    f"generate.out={OUT}/corpus",
+    "generate.num_prompts=2016",
+    "generate.batch_size=32",
+    "generate.max_new_tokens=128",
+    "generate.store_features=true",
+    "target.dtype=bfloat16",
+]  # bf16 decodes 2x faster here; the corpus needs no bit-exact match
+TRAIN = [
+    f"train.out_dir={OUT}",
+    "name=sft",
+    f"train.sft_corpus={OUT}/corpus",
+    "train.sft_steps=1500",
+    "train.opd_steps=0",
+    "learner.dtype=bfloat16",
+    "learner.batch_size=256",
+    "objective.sft_anchors_per_row=32",
+    "learner.lr=1e-3",
+    "learner.lr_schedule=cosine",
+    "learner.warmup_steps=50",
+    "train.eval_every=0",
+    "train.eval_prompts=2",
+    "train.eval_max_new_tokens=32",  # the run's own check only:
+    "rollout.num_actors=1",
+    "rollout.threads=1",  # the curve's points are scored afterwards (stage 3)
+    "train.publish_every=100",
+    "train.checkpoint_every=200",
+    "train.keep_checkpoints=9",  # every checkpoint stays: the OPD study branches from early ones too
+    "train.stage_timeout_s=3600",
+    "resume=auto",
+]
 
 
 CURVE_PROMPTS, CURVE_TOKENS = 50, 128  # held-out GSM8K test prompts x new tokens of every point
@@ -54,8 +74,15 @@ def curve(records: list[dict], taus: dict[int, dict]) -> list[dict]:
     for step in sorted(taus):
         tokens = sum(r["trained_tokens"] for s, r in steps.items() if s <= step)
         hours = max((t for s, t in seconds.items() if s <= step), default=0.0) / 3600
-        points.append({"step": step, "trained_tokens": tokens, "train_hours": hours,
-                       "eval_tau": taus[step]["tau_mean"], "eval_tau_pooled": taus[step]["tau_pooled"]})
+        points.append(
+            {
+                "step": step,
+                "trained_tokens": tokens,
+                "train_hours": hours,
+                "eval_tau": taus[step]["tau_mean"],
+                "eval_tau_pooled": taus[step]["tau_pooled"],
+            }
+        )
     return points
 
 
@@ -65,7 +92,11 @@ def score(scorer: TextScorer, run: RunDir, final_step: int) -> dict[int, dict]:
     path = run.path / "text-scores.json"
     scores = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
     kept = (int(c.name.split("-")[1]) for c in run.complete_checkpoints())
-    todo = {0: {}, **{s: {"states": checkpoint_states(run.path, s)} for s in kept}, final_step: {"draft": run.draft_dir}}
+    todo = {
+        0: {},
+        **{s: {"states": checkpoint_states(run.path, s)} for s in kept},
+        final_step: {"draft": run.draft_dir},
+    }
     for step, source in sorted(todo.items()):
         if step not in scores:
             scores[step] = scorer(scorer.drafter(**source), ("gsm8k",))["gsm8k"]
@@ -81,8 +112,10 @@ def plot(points: list[dict], title: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "trained_tokens", "trained label tokens (millions)"),
-                           (axes[1], "train_hours", "training wall time (h)")):
+    for ax, key, label in (
+        (axes[0], "trained_tokens", "trained label tokens (millions)"),
+        (axes[1], "train_hours", "training wall time (h)"),
+    ):
         scale = 1e6 if key == "trained_tokens" else 1
         ax.plot([p[key] / scale for p in points], [p["eval_tau"] for p in points], marker="o")
         ax.set(xlabel=label, ylabel="held-out tau (GSM8K test)")
@@ -103,12 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     scorer = TextScorer(lambda *keys: load_config(path, [*keys, *overrides]), out, CURVE_PROMPTS, CURVE_TOKENS)
     points = curve(run.records(), score(scorer, run, cfg.train.sft_steps))
     (out / "curve.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2))
-    title = (f"offline SFT on {cfg.name}: {cfg.draft.kind} block {cfg.draft.block_size}, "
-             f"{CURVE_PROMPTS} GSM8K test prompts x {CURVE_TOKENS} tokens")
+    title = (
+        f"offline SFT on {cfg.name}: {cfg.draft.kind} block {cfg.draft.block_size}, "
+        f"{CURVE_PROMPTS} GSM8K test prompts x {CURVE_TOKENS} tokens"
+    )
     print(plot(points, title, out / "curve.png"))
     for p in points:
-        print(f"step {p['step']:>5}  {p['trained_tokens'] / 1e6:7.2f} M tokens  {p['train_hours']:5.2f} h  "
-              f"tau {p['eval_tau']:.3f}")
+        print(
+            f"step {p['step']:>5}  {p['trained_tokens'] / 1e6:7.2f} M tokens  {p['train_hours']:5.2f} h  "
+            f"tau {p['eval_tau']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from launch.config import load_config
-from launch.eval import set_threads
-from speculative.target import Target, crop_cache
-from speculative.testbeds import load_testbed
-from speculative.target import load_pretrained
+from draft_opd.launch.config import load_config
+from draft_opd.launch.eval import set_threads
+from draft_opd.speculative.pretrained import load_pretrained
+from draft_opd.speculative.target import Target, crop_cache
+from draft_opd.speculative.testbeds import load_testbed
 
 CONTEXT, BLOCK, REPEATS = 256, 16, 25
 
@@ -65,15 +65,24 @@ def main(argv: list[str] | None = None) -> None:
         for pretranspose in (False, True):
             target = Target(model, tok, layers, pretranspose=pretranspose)
             result = measure(target)
-            rows.append({"dtype": dtype, "weights": "pre-transposed" if pretranspose else "as loaded (F.linear)",
-                         **result, "ratio": result["verify_16_ms"] / result["decode_1_ms"]})
-    table = Table(title=f"{cfg.name}: verify({BLOCK}) vs decode(1) at context {CONTEXT}, "
-                        f"{torch.get_num_threads()} threads (median of {REPEATS})")
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "weights": "pre-transposed" if pretranspose else "as loaded (F.linear)",
+                    **result,
+                    "ratio": result["verify_16_ms"] / result["decode_1_ms"],
+                }
+            )
+    table = Table(
+        title=f"{cfg.name}: verify({BLOCK}) vs decode(1) at context {CONTEXT}, "
+        f"{torch.get_num_threads()} threads (median of {REPEATS})"
+    )
     for col in ("dtype", "weights", "decode(1) ms", f"verify({BLOCK}) ms", "verify/decode"):
         table.add_column(col, justify="left" if col in ("dtype", "weights") else "right")
     for r in rows:
-        table.add_row(r["dtype"], r["weights"], f"{r['decode_1_ms']:.1f}", f"{r['verify_16_ms']:.1f}",
-                      f"{r['ratio']:.2f}x")
+        table.add_row(
+            r["dtype"], r["weights"], f"{r['decode_1_ms']:.1f}", f"{r['verify_16_ms']:.1f}", f"{r['ratio']:.2f}x"
+        )
     Console(width=120).print(table)
     out = Path("runs/bench-verify.json")
     out.parent.mkdir(parents=True, exist_ok=True)

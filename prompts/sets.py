@@ -18,9 +18,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 """Appended to every math question, as in the anchors' evaluation protocol."""
@@ -29,7 +30,13 @@ DATA_ENV = "DRAFT_OPD_DATA"
 """Environment variable naming the folder that holds the shipped prompt files."""
 
 BENCHMARKS: tuple[str, ...] = (
-    "gsm8k", "math500", "aime", "mbpp", "humaneval", "swe_lite", "mt_bench",
+    "gsm8k",
+    "math500",
+    "aime",
+    "mbpp",
+    "humaneval",
+    "swe_lite",
+    "mt_bench",
 )
 """The evaluation sets, in the order the Draft-OPD paper reports them."""
 
@@ -164,8 +171,10 @@ def _read_rows(path: Path) -> list[_Row]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise PromptFormatError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
-                                f"{_FORMAT} (convert Parquet/Arrow/CSV files to JSON Lines first)") from None
+        raise PromptFormatError(
+            f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+            f"{_FORMAT} (convert Parquet/Arrow/CSV files to JSON Lines first)"
+        ) from None
     if not text.strip():
         raise PromptFormatError(f"{path}: file is empty; expected JSON Lines or a JSON list")
     is_list = text.lstrip().startswith("[")
@@ -197,8 +206,9 @@ def _json_lines_items(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             items.append((f"{path}, line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise PromptFormatError(f"{path}, line {number}: malformed JSON ({err.msg}); fix or delete that line "
-                                    f"({_FORMAT})") from None
+            raise PromptFormatError(
+                f"{path}, line {number}: malformed JSON ({err.msg}); fix or delete that line ({_FORMAT})"
+            ) from None
     return items
 
 
@@ -240,7 +250,9 @@ def _mbpp(row: _Row, name: str, split: str = "test") -> Conversation | None:
     task = row.text("prompt", "text")
     tests = "\n".join(row.strings("test_list"))
     return Conversation(
-        str(task_id), name, [f"{task}\nYour code should pass these tests:\n{tests}"],
+        str(task_id),
+        name,
+        [f"{task}\nYour code should pass these tests:\n{tests}"],
         reference=row.optional_text("code"),
     )
 
@@ -255,13 +267,8 @@ def _mbpp_split(split: str) -> range:
 
 def _humaneval(row: _Row, name: str) -> Conversation:
     stub = row.text("prompt").rstrip("\n")
-    request = (
-        "Complete the following Python function so that it passes its tests:\n"
-        f"```python\n{stub}\n```"
-    )
-    return Conversation(
-        row.text("task_id"), name, [request], reference=row.optional_text("canonical_solution")
-    )
+    request = f"Complete the following Python function so that it passes its tests:\n```python\n{stub}\n```"
+    return Conversation(row.text("task_id"), name, [request], reference=row.optional_text("canonical_solution"))
 
 
 def _swe_lite(row: _Row, name: str) -> Conversation:
@@ -280,9 +287,7 @@ def _mt_bench(row: _Row, name: str) -> Conversation:
 
 
 def _code_alpaca(row: _Row, name: str) -> Conversation:
-    return Conversation(
-        str(row.index), name, [_instruction_prompt(row)], reference=row.optional_text("output")
-    )
+    return Conversation(str(row.index), name, [_instruction_prompt(row)], reference=row.optional_text("output"))
 
 
 def _instruction_prompt(row: _Row) -> str:
@@ -305,23 +310,13 @@ class _Loader:
 _LOADERS: dict[str, _Loader] = {
     "gsm8k": _Loader(_gsm8k, "gsm8k_test.jsonl", "GSM8K problems (question, answer)"),
     "gsm8k_train": _Loader(_gsm8k, "gsm8k_train.jsonl", "GSM8K problems (question, answer)"),
-    "math500": _Loader(
-        _math500, None, "MATH-500 problems (problem, solution, answer, subject, level, unique_id)"
-    ),
+    "math500": _Loader(_math500, None, "MATH-500 problems (problem, solution, answer, subject, level, unique_id)"),
     "aime": _Loader(_aime, None, "AIME problems (id, problem, answer, solution)"),
     "mbpp": _Loader(_mbpp, "mbpp_sanitized.json", "MBPP tasks (task_id, prompt, code, test_list)"),
-    "humaneval": _Loader(
-        _humaneval, "humaneval.jsonl", "HumanEval tasks (task_id, prompt, canonical_solution, ...)"
-    ),
-    "swe_lite": _Loader(
-        _swe_lite, None, "SWE-bench Lite instances (instance_id, repo, problem_statement, ...)"
-    ),
-    "mt_bench": _Loader(
-        _mt_bench, None, "MT-Bench questions like FastChat's (question_id, category, turns)"
-    ),
-    "code_alpaca": _Loader(
-        _code_alpaca, "code_alpaca.json", "CodeAlpaca examples (instruction, input, output)"
-    ),
+    "humaneval": _Loader(_humaneval, "humaneval.jsonl", "HumanEval tasks (task_id, prompt, canonical_solution, ...)"),
+    "swe_lite": _Loader(_swe_lite, None, "SWE-bench Lite instances (instance_id, repo, problem_statement, ...)"),
+    "mt_bench": _Loader(_mt_bench, None, "MT-Bench questions like FastChat's (question_id, category, turns)"),
+    "code_alpaca": _Loader(_code_alpaca, "code_alpaca.json", "CodeAlpaca examples (instruction, input, output)"),
 }
 
 
@@ -406,9 +401,7 @@ def _loader(name: str) -> _Loader:
     known = sorted(_LOADERS)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UnknownBenchmarkError(
-        f"unknown benchmark {name!r}{hint}; known benchmarks: {', '.join(known)}"
-    )
+    raise UnknownBenchmarkError(f"unknown benchmark {name!r}{hint}; known benchmarks: {', '.join(known)}")
 
 
 def _existing_file(path: Path, fix: str) -> Path:

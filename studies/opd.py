@@ -5,13 +5,13 @@ arm trains the same number of learner steps, with the same lr schedule, from the
 `make curve`'s offline-SFT run wrote: `plateau` is its final draft, `early` its draft at an early checkpoint
 (where OPD may or may not start to pay). Each arm is a training run, then its scoring:
 - held-out tau of every checkpoint on Study.text_prompts GSM8K test prompts, and of the final draft on
-  GSM8K and HumanEval, walked on the target's greedy text (`benchmarks.text_eval`: fp32 target, the accept
+  GSM8K and HumanEval, walked on the target's greedy text (`studies.text_eval`: fp32 target, the accept
   lengths decoding would record, drafter passes only, so hundreds of prompts per checkpoint are affordable);
 - `draft-opd eval` of the final draft on Study.decode_prompts GSM8K prompts: decoded tau, speedup, lossless.
 Runs and scores are skipped once done and a run in progress resumes from its checkpoint, so an interrupted
 study continues where it stopped.
 
-    python -m benchmarks.study_opd configs/smol.yaml [--starts plateau,early] [--arms sft,opd,...]
+    python -m draft_opd.studies.opd configs/smol.yaml [--starts plateau,early] [--arms sft,opd,...]
                                                      [--seeds 0,1] [key=value ...]
 
 Outputs under runs/study/: START/ARM-sSEED/ (the run directory, scores.json and eval.json), START/ (the start
@@ -28,16 +28,27 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.text_eval import TextScorer, checkpoint_states
-from launch.config import load_config
-from launch.eval import run_eval
-from launch.run_dir import RunDir, step_records, training_seconds
-from launch.train import train
+from draft_opd.launch.config import load_config
+from draft_opd.launch.eval import run_eval
+from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
+from draft_opd.launch.train import train
+from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
 STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
-COMMON = ["learner.batch_size=64", "learner.lr=3e-4", "learner.opd_lr=3e-4", "learner.lr_schedule=cosine",
-          "learner.warmup_steps=10", "train.eval_every=0", "train.eval_prompts=2", "train.eval_max_new_tokens=32",
-          "train.checkpoint_every=50", "train.keep_checkpoints=100", "train.stage_timeout_s=3600", "resume=auto"]
+COMMON = [
+    "learner.batch_size=64",
+    "learner.lr=3e-4",
+    "learner.opd_lr=3e-4",
+    "learner.lr_schedule=cosine",
+    "learner.warmup_steps=10",
+    "train.eval_every=0",
+    "train.eval_prompts=2",
+    "train.eval_max_new_tokens=32",
+    "train.checkpoint_every=50",
+    "train.keep_checkpoints=100",
+    "train.stage_timeout_s=3600",
+    "resume=auto",
+]
 ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward KL + k3, decay 0.8) but for these
     "sft": ("sft", ["objective.sft_anchors_per_row=16"]),  # continued SFT on the start draft's own corpus
     "opd": ("opd", []),
@@ -45,8 +56,10 @@ ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward
     "opd-decay1": ("opd", ["objective.opd_decay=1.0"]),
     "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
     # the response stream's exact forward KL alone: top-k's best term without the rejected stream's TV
-    "opd-topk-anchors-only": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20",
-                                      "objective.rejected_weight=0"]),
+    "opd-topk-anchors-only": (
+        "opd",
+        ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20", "objective.rejected_weight=0"],
+    ),
     "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
     # random anchors in the rollouts' text instead of the rollout's own; the response stream only, so it
     # compares with opd-anchors-only
@@ -98,8 +111,15 @@ def cached(path: Path, compute) -> dict:
 def decoded(study: Study, draft: Path, out: Path) -> dict:
     """`draft-opd eval` of a draft on Study.decode_prompts GSM8K prompts, saved at `out`."""
     if not out.exists():
-        run_eval(study.load("eval.benchmarks=[gsm8k]", f"eval.num_prompts={study.decode_prompts}",
-                            f"eval.max_new_tokens={study.max_new_tokens}", f"draft={draft}", f"eval.out={out}"))
+        run_eval(
+            study.load(
+                "eval.benchmarks=[gsm8k]",
+                f"eval.num_prompts={study.decode_prompts}",
+                f"eval.max_new_tokens={study.max_new_tokens}",
+                f"draft={draft}",
+                f"eval.out={out}",
+            )
+        )
     return json.loads(out.read_text())["summaries"][0]
 
 
@@ -134,15 +154,30 @@ def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, d
         phases = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
     else:
         phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
-    cfg = study.load(*COMMON, *phases, *overrides, f"draft={draft}", f"learner.seed={seed}",
-                     f"buffer.seed={seed}", f"train.out_dir={study.out / start}", f"name={arm}-s{seed}")
+    cfg = study.load(
+        *COMMON,
+        *phases,
+        *overrides,
+        f"draft={draft}",
+        f"learner.seed={seed}",
+        f"buffer.seed={seed}",
+        f"train.out_dir={study.out / start}",
+        f"name={arm}-s{seed}",
+    )
     train(cfg)
     run = RunDir(Path(cfg.train.out_dir) / cfg.name)
     steps = step_records(run.records()).values()
     curve = score_run(study, scorer, run, start_tau)
-    return {"start": start, "arm": arm, "seed": seed, **score_draft(study, scorer, run.draft_dir, run.path),
-            "steps": len(steps), "verify_steps": sum(r.get("verify_steps", 0) for r in steps),
-            "train_s": curve[-1][1], "curve": curve}
+    return {
+        "start": start,
+        "arm": arm,
+        "seed": seed,
+        **score_draft(study, scorer, run.draft_dir, run.path),
+        "steps": len(steps),
+        "verify_steps": sum(r.get("verify_steps", 0) for r in steps),
+        "train_s": curve[-1][1],
+        "curve": curve,
+    }
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -153,14 +188,19 @@ def spread(values: list[float]) -> tuple[float, float]:
 def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str]:
     """A row per start draft and per (start, arm); `starts` maps a start to its score_draft."""
     benchmarks = sorted({b for r in [*results, *starts.values()] for b in r["text"]})
-    lines = ["| start | arm | seeds | " + " | ".join(f"tau {b}" for b in benchmarks)
-             + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | train min |",
-             "|" + "---|" * (len(benchmarks) + 9)]
+    lines = [
+        "| start | arm | seeds | "
+        + " | ".join(f"tau {b}" for b in benchmarks)
+        + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | train min |",
+        "|" + "---|" * (len(benchmarks) + 9),
+    ]
     for start, scores in starts.items():
         cells = [f"{scores['text'][b]['tau_mean']:.3f}" for b in benchmarks]
         dec = scores["decoded"]
-        lines.append(f"| {start} | (start draft) | - | " + " | ".join(cells) + f" | {dec['tau_mean']:.2f} | "
-                     f"{dec['speedup']:.2f}x | {str(dec['lossless']).lower()} | 0 | 0 | 0 |")
+        lines.append(
+            f"| {start} | (start draft) | - | " + " | ".join(cells) + f" | {dec['tau_mean']:.2f} | "
+            f"{dec['speedup']:.2f}x | {str(dec['lossless']).lower()} | 0 | 0 | 0 |"
+        )
     rows = []
     for start, arm in dict.fromkeys((r["start"], r["arm"]) for r in results):
         group = [r for r in results if (r["start"], r["arm"]) == (start, arm)]
@@ -174,10 +214,13 @@ def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str
             row[key] = statistics.fmean(r[key] for r in group)
         rows.append(row)
         cells = [f"{row[f'tau_{b}'][0]:.3f} +- {row[f'tau_{b}'][1]:.3f}" for b in benchmarks]
-        lines.append(f"| {start} | {arm} | {len(group)} | " + " | ".join(cells) +
-                     f" | {row['decoded_tau_gsm8k'][0]:.2f} | {row['speedup_gsm8k'][0]:.2f}x | "
-                     f"{str(row['lossless']).lower()} | {row['steps']:.0f} | {row['verify_steps']:.0f} | "
-                     f"{row['train_s'] / 60:.1f} |")
+        lines.append(
+            f"| {start} | {arm} | {len(group)} | "
+            + " | ".join(cells)
+            + f" | {row['decoded_tau_gsm8k'][0]:.2f} | {row['speedup_gsm8k'][0]:.2f}x | "
+            f"{str(row['lossless']).lower()} | {row['steps']:.0f} | {row['verify_steps']:.0f} | "
+            f"{row['train_s'] / 60:.1f} |"
+        )
     return rows, "\n".join(lines) + "\n"
 
 
@@ -195,17 +238,25 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
     labelled = set()
     for r in runs:
         steps, seconds, taus = zip(*r["curve"])
-        style = {"color": colors[r["arm"]], "linestyle": list(styles)[r["seed"] % 4], "marker": "o",
-                 "label": None if r["arm"] in labelled else r["arm"]}
+        style = {
+            "color": colors[r["arm"]],
+            "linestyle": list(styles)[r["seed"] % 4],
+            "marker": "o",
+            "label": None if r["arm"] in labelled else r["arm"],
+        }
         labelled.add(r["arm"])
         axes[0].plot(steps, taus, **style)
         axes[1].plot([s / 60 for s in seconds], taus, **style)
     for ax, xlabel in zip(axes, ("learner step", "training time, rollouts included (min)")):
         ax.set(xlabel=xlabel, ylabel="held-out tau (GSM8K test, text-walked)")
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8,
-               title="\n".join(["arm", *(f"seed {s}: {list(styles.values())[s % 4]}" for s in seeds)]),
-               title_fontsize=8)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="center right",
+        fontsize=8,
+        title="\n".join(["arm", *(f"seed {s}: {list(styles.values())[s % 4]}" for s in seeds)]),
+        title_fontsize=8,
+    )
     fig.subplots_adjust(left=0.05, right=0.82, bottom=0.13, wspace=0.22)
     fig.suptitle(f"Draft-OPD study from the {start} draft")
     fig.savefig(out, dpi=90)
@@ -227,8 +278,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in starts if s not in STARTS] + [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown start or arm {unknown}: starts are {list(STARTS)}, arms {list(ARMS)}")
-    study = Study(args.config, args.out, args.curve_run, args.early_step, args.steps, args.text_prompts,
-                  args.decode_prompts, args.max_new_tokens, args.overrides)
+    study = Study(
+        args.config,
+        args.out,
+        args.curve_run,
+        args.early_step,
+        args.steps,
+        args.text_prompts,
+        args.decode_prompts,
+        args.max_new_tokens,
+        args.overrides,
+    )
     scorer = TextScorer(study.load, study.out, study.text_prompts, study.max_new_tokens)
     results, start_scores = [], {}
     for start in starts:
@@ -236,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         start_scores[start] = score_draft(study, scorer, draft, study.out / start)
         for arm in arms:
             for seed in map(int, args.seeds.split(",")):
-                results.append(run_arm(study, scorer, start, arm, seed, draft,
-                                       start_scores[start]["text"][TEXT[0]]["tau_mean"]))
+                results.append(
+                    run_arm(study, scorer, start, arm, seed, draft, start_scores[start]["text"][TEXT[0]]["tau_mean"])
+                )
                 write_outputs(study, results, start_scores)
     print((study.out / "table.md").read_text())
     for start in starts:

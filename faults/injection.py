@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
-from actors.prompts import PromptPool, load_prompts
-from actors.rollout import trajectory_id
-from buffer import BufferConfig, ReplayBuffer
-from launch.config import Config
-from launch.run_dir import RunDir
+from draft_opd.actors.prompts import PromptPool, load_prompts
+from draft_opd.actors.rollout import trajectory_id
+from draft_opd.buffer import BufferConfig, ReplayBuffer
+from draft_opd.launch.config import Config
+from draft_opd.launch.run_dir import RunDir
 
 
 def worker_pids(actor_class: str, root_pid: int) -> list[int]:
@@ -38,8 +38,7 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def wait_for(condition: Callable[[], bool], what: str, running: Callable[[], bool],
-             timeout_s: float = 300.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, running: Callable[[], bool], timeout_s: float = 300.0) -> None:
     """Poll `condition`; fail at once when the run it waits on is no longer `running`, never only at the deadline."""
     deadline = time.monotonic() + timeout_s
     while not condition():

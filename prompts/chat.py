@@ -13,6 +13,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
     """
     if not getattr(tokenizer, "chat_template", None):
         return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        enable_thinking=thinking, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, enable_thinking=thinking, return_dict=False
+    )
     return list(ids)

@@ -8,7 +8,7 @@ the rollout dtype and threads of the config. T = 0: the table counts the traject
 equal batch 1's (batched verification rounds differently from batch 1; in bf16 that flips near-ties).
 tokens/s counts new tokens over wall time, prefill included.
 
-    python -m benchmarks.bench_rollout configs/smol.yaml [key=value ...]
+    python -m draft_opd.perf.rollout configs/smol.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -23,12 +23,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from actors.rollout import RolloutWorker
-from launch.config import load_config
+from draft_opd.actors.rollout import RolloutWorker
+from draft_opd.launch.config import load_config
 
 BATCH_SIZES = (1, 4, 16)
-DEFAULTS = ["rollout.prompts=gsm8k_train", "rollout.num_prompts=16", "rollout.max_new_tokens=64",
-            "rollout.num_actors=1", "rollout.temperature=0", "rollout.store_features=false"]
+DEFAULTS = [
+    "rollout.prompts=gsm8k_train",
+    "rollout.num_prompts=16",
+    "rollout.max_new_tokens=64",
+    "rollout.num_actors=1",
+    "rollout.temperature=0",
+    "rollout.store_features=false",
+]
 
 
 def measure(worker: RolloutWorker, count: int) -> dict:
@@ -38,9 +44,15 @@ def measure(worker: RolloutWorker, count: int) -> dict:
     new_tokens = sum(len(t.input_ids) - t.prompt_len for t in trajectories)
     steps = sum(len(t.accept_len) for t in trajectories)
     accepted = sum(sum(t.accept_len) for t in trajectories)
-    return {"batch_size": worker.cfg.batch_size, "trajectories": len(trajectories), "new_tokens": new_tokens,
-            "seconds": seconds, "tokens_per_s": new_tokens / seconds, "tau_pooled": (accepted + steps) / max(steps, 1),
-            "outputs": [t.input_ids for t in trajectories]}
+    return {
+        "batch_size": worker.cfg.batch_size,
+        "trajectories": len(trajectories),
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / seconds,
+        "tau_pooled": (accepted + steps) / max(steps, 1),
+        "outputs": [t.input_ids for t in trajectories],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,22 +70,44 @@ def main(argv: list[str] | None = None) -> None:
         row["speedup"] = row["tokens_per_s"] / base
         row["same_tokens_as_b1"] = sum(a == b for a, b in zip(row.pop("outputs"), reference))
     dtype = cfg.rollout.target_dtype or cfg.target.dtype
-    table = Table(title=f"{cfg.name}: rollout throughput, {count} {cfg.rollout.prompts} prompts x {cfg.rollout.max_new_tokens} new "
-                        f"tokens, {cfg.draft.kind} block {cfg.draft.block_size}, {dtype}, "
-                        f"{torch.get_num_threads()} thread(s)")
+    table = Table(
+        title=f"{cfg.name}: rollout throughput, {count} {cfg.rollout.prompts} prompts x "
+        f"{cfg.rollout.max_new_tokens} new tokens, {cfg.draft.kind} block {cfg.draft.block_size}, {dtype}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     for col in ("batch", "tokens", "seconds", "tokens/s", "vs B=1", "tau pooled", "same tokens as B=1"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["batch_size"]), str(r["new_tokens"]), f"{r['seconds']:.1f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['speedup']:.2f}x", f"{r['tau_pooled']:.2f}", f"{r['same_tokens_as_b1']}/{r['trajectories']}")
+        table.add_row(
+            str(r["batch_size"]),
+            str(r["new_tokens"]),
+            f"{r['seconds']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['tau_pooled']:.2f}",
+            f"{r['same_tokens_as_b1']}/{r['trajectories']}",
+        )
     Console(width=140).print(table)
     out = Path("runs/bench-rollout.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": cfg.name, "dtype": dtype, "threads": torch.get_num_threads(),
-                               "draft": {"kind": cfg.draft.kind, "block_size": cfg.draft.block_size,
-                                         "weights": cfg.draft.path or f"random init, seed {cfg.draft.seed}"},
-                               "prompts": count, "max_new_tokens": cfg.rollout.max_new_tokens, "rows": rows},
-                              indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "config": cfg.name,
+                "dtype": dtype,
+                "threads": torch.get_num_threads(),
+                "draft": {
+                    "kind": cfg.draft.kind,
+                    "block_size": cfg.draft.block_size,
+                    "weights": cfg.draft.path or f"random init, seed {cfg.draft.seed}",
+                },
+                "prompts": count,
+                "max_new_tokens": cfg.rollout.max_new_tokens,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"saved {out}")
 
 
