@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from draft_opd.actors.prompts import PromptPool, load_prompts
 from draft_opd.buffer import Trajectory
-from draft_opd.prompts.chat import render_prompt
+from draft_opd.prompts.chat import render_first_turn
 from draft_opd.speculative.batch_decode import generate_batch
 from draft_opd.speculative.decode import (
     ContextTooLongError,
@@ -33,6 +33,7 @@ from draft_opd.speculative.decode import (
     generate,
 )
 from draft_opd.speculative.loading import DraftSpec, make_drafter
+from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import TargetConfig, load_target
 from draft_opd.speculative.tau import tau_mean, tau_pooled
 
@@ -94,7 +95,7 @@ class Request:
     @classmethod
     def of(cls, tokenizer, epoch: int, conv, thinking: bool) -> Request:
         traj_id = trajectory_id(epoch, conv)
-        prompt = render_prompt(tokenizer, [{"role": "user", "content": conv.turns[0]}], thinking)
+        prompt = render_first_turn(tokenizer, conv.turns[0], thinking)
         return cls(traj_id, f"{conv.benchmark}/{conv.id}", prompt, zlib.crc32(traj_id.encode()))
 
 
@@ -148,12 +149,11 @@ class RolloutWorker:
     ):
         if rollout.batch_size < 1:
             raise ValueError(f"rollout.batch_size must be >= 1 (got {rollout.batch_size}); 1 decodes one at a time")
-        if rollout.threads > 0:
-            torch.set_num_threads(rollout.threads)
+        set_threads(rollout.threads)
         self.cfg, self.buffer = rollout, buffer
         self.actor_id = f"rollout-{actor_index}"
         self.target = load_target(replace(target, dtype=rollout.target_dtype) if rollout.target_dtype else target)
-        self.drafter = make_drafter(draft if draft.path or draft.init else _random(draft), self.target)
+        self.drafter = make_drafter(draft.or_random(), self.target)
         self.thinking = target.thinking
         self.version = 0
         self.pool = PromptPool(load_prompts(rollout.prompts, rollout.num_prompts), actor_index, rollout.num_actors)
@@ -238,7 +238,7 @@ class RolloutWorker:
 
         accept_lens = []
         for conv in load_benchmark(benchmark, path, num_prompts):
-            prompt = render_prompt(self.target.tokenizer, [{"role": "user", "content": conv.turns[0]}], self.thinking)
+            prompt = render_first_turn(self.target.tokenizer, conv.turns[0], self.thinking)
             result = generate(self.target, prompt, self.drafter, DecodeConfig(max_new_tokens=max_new_tokens))
             accept_lens.append([s.accept_len for s in result.steps])
         return {
@@ -279,11 +279,6 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def _random(draft: DraftSpec) -> DraftSpec:
-    """Rollout always needs a draft: with neither path nor init, start from a seeded random one."""
-    return replace(draft, init="random")
 
 
 RolloutActor = ray.remote(RolloutWorker)

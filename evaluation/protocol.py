@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from draft_opd.prompts.chat import render_prompt
+from draft_opd.prompts.chat import render_first_turn, render_prompt
 from draft_opd.prompts.sets import Conversation
 from draft_opd.speculative.decode import (
     ContextTooLongError,
@@ -107,7 +107,7 @@ def check_first_turns_fit(
 ) -> None:
     """Fail before any decoding; later turns hold the target's answers, so they are checked as they come."""
     for conv in conversations:
-        prompt = render_prompt(target.tokenizer, [{"role": "user", "content": conv.turns[0]}], thinking)
+        prompt = render_first_turn(target.tokenizer, conv.turns[0], thinking)
         check_turn_fits(target, drafter, conv, 0, prompt, cfg)
 
 

@@ -113,8 +113,9 @@ def redone(run_dir: Path) -> int:
 
 
 def completed(run_dir: Path) -> bool:
-    steps = {r["step"] for r in RunDir(run_dir).records() if r["phase"] in ("sft", "opd")}
-    return (run_dir / "summary.json").exists() and steps == set(range(1, STEPS + 1)) and (run_dir / "draft").is_dir()
+    run = RunDir(run_dir)
+    steps = {r["step"] for r in run.records() if r["phase"] in ("sft", "opd")}
+    return run.summary_file.exists() and steps == set(range(1, STEPS + 1)) and run.draft_dir.is_dir()
 
 
 def prompts_missing(run_dir: Path) -> int:

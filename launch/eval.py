@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -15,13 +14,9 @@ from draft_opd.launch.config import Config, job_main, to_yaml
 from draft_opd.prompts.sets import Conversation, load_benchmark
 from draft_opd.speculative.decode import DecodeConfig, generate
 from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import load_target
 from draft_opd.speculative.tau import tau_pooled
-
-
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
 
 
 def load_sets(cfg: Config) -> dict[str, list[Conversation]]:

@@ -25,7 +25,7 @@ cheap and the learner is CPU-bound or has no room for a target copy.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -34,12 +34,12 @@ from draft_opd.actors.prompts import load_prompts
 from draft_opd.actors.rollout import Request, decode_requests, fits_context, to_trajectory
 from draft_opd.buffer import BufferConfig, ReplayBuffer, foreign_files
 from draft_opd.launch.config import Config, job_main
-from draft_opd.launch.eval import set_threads
 from draft_opd.launch.progress import StepProgress
 from draft_opd.launch.train import CORPUS_CAPACITY
 from draft_opd.prompts.sets import Conversation
 from draft_opd.speculative.decode import DecodeConfig
 from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import Target, load_target
 
 ACTOR_ID = "generate"
@@ -132,7 +132,7 @@ def feature_target(cfg: Config, store: bool) -> Target:
     """The target; with stored features, its feature layers are the draft's (resolved as rollouts resolve them)."""
     target = load_target(cfg.target)
     if store:
-        make_drafter(cfg.draft if cfg.draft.path or cfg.draft.init else replace(cfg.draft, init="random"), target)
+        make_drafter(cfg.draft.or_random(), target)
     return target
 
 

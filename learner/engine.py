@@ -21,6 +21,7 @@ import torch
 from draft_opd.learner.objective import ObjectiveConfig, phase_loss
 from draft_opd.learner.replay import target_features
 from draft_opd.speculative.loading import DraftSpec, make_drafter
+from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import TargetConfig, load_target
 
 
@@ -169,14 +170,12 @@ class Learner:
     ):
         import deepspeed
 
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         self.cfg, self.objective, self.rank, self.buffer = cfg, objective, rank, buffer
         init_process_group(rank, cfg.world_size, address, port or free_port(), cfg.timeout_s)
         # a bf16 engine casts the drafter; the frozen target it shares embeddings and head with follows
         self.target = load_target(replace(target, dtype=cfg.dtype) if cfg.dtype == "bfloat16" else target)
-        spec = draft if draft.path or draft.init else DraftSpec(**{**vars(draft), "init": "random"})
-        drafter = make_drafter(spec, self.target)
+        drafter = make_drafter(draft.or_random(), self.target)
         drafter.train()
         self.engine, *_ = deepspeed.initialize(
             model=drafter, model_parameters=list(drafter.parameters()), config=deepspeed_config(cfg)
@@ -238,8 +237,7 @@ class Learner:
             if offline
             else self.cfg.threads
         )
-        if threads > 0:
-            torch.set_num_threads(threads)
+        set_threads(threads)
 
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""

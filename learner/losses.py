@@ -44,19 +44,20 @@ def dflash_sft_loss(
     return masked_weighted_mean(ce, weights, mask.float())
 
 
-def eagle3_ttt_loss(
-    student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], masks: list[torch.Tensor], decay: float = 0.8
+def eagle3_sft_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, decay: float = 0.8
 ) -> torch.Tensor:
-    """EAGLE-3 training-time test: soft cross-entropy against the target's distribution at unroll step i,
-    weighted decay^i and summed over steps (each step averaged over its valid positions).
+    """EAGLE-3 training-time test with hard labels: cross-entropy at unroll step i (block offset i + 1), averaged
+    over the blocks valid at that step, weighted decay^i and summed over steps.
 
-    student_logits[i] [M, V], teacher_probs[i] [M, V], masks[i] [M].
+    student_logits [N, W, V], labels [N, W], mask [N, W]. Each step is averaged on its own, so that the later
+    steps, which fewer blocks reach, weigh as EAGLE-3 weighs them and not by how many blocks reach them.
     """
-    total = student_logits[0].new_zeros(())
-    for i, (logits, probs, mask) in enumerate(zip(student_logits, teacher_probs, masks)):
-        soft_ce = -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(-1)
-        total = total + decay**i * masked_weighted_mean(soft_ce, torch.ones_like(soft_ce), mask.float())
-    return total
+    weights = decay ** torch.arange(labels.shape[1], dtype=torch.float32, device=labels.device)
+    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
+    mask = mask.float()
+    per_step = (ce.view_as(mask).float() * mask).sum(0) / mask.sum(0).clamp_min(1)
+    return (weights * per_step).sum()
 
 
 def bernoulli_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -176,21 +177,4 @@ def topk_total_variation(
     p = torch.softmax(teacher_topk_logp.float(), dim=-1)
     q = student_logp_full.gather(-1, teacher_topk_ids.long()).exp()
     tv = 0.5 * ((p - q).abs().sum(-1) + (1 - q.sum(-1)).clamp_min(0))
-    return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())
-
-
-def reverse_kl_full(
-    teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Exact reverse KL(q || p) from full distributions [N, W, V]."""
-    q = student_logp_full.exp()
-    kl = (q * (student_logp_full - teacher_logp_full)).sum(-1)
-    return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
-
-
-def total_variation(
-    teacher_logp_full: torch.Tensor, student_logp_full: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """TV(p, q) = 1/2 sum |p - q|: with greedy-free sampling, acceptance probability = 1 - TV."""
-    tv = 0.5 * (teacher_logp_full.exp() - student_logp_full.exp()).abs().sum(-1)
     return masked_weighted_mean(tv, torch.ones_like(tv), mask.float())

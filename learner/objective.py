@@ -19,6 +19,7 @@ from draft_opd.learner.losses import (
     RESPONSE_KLS,
     dflash_sft_loss,
     draft_opd_loss,
+    eagle3_sft_loss,
     greedy_conflict_shares,
     topk_forward_kl,
     topk_total_variation,
@@ -99,10 +100,7 @@ def sft_loss(
         masks.append(mask)
     logits, labels, mask = torch.cat(logits), torch.cat(labels), torch.cat(masks).float()
     if drafter.cfg.kind == "eagle3":
-        weights = cfg.eagle_decay ** torch.arange(width, dtype=torch.float32)
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        per_step = (ce.view_as(mask) * mask).sum(0) / mask.sum(0).clamp_min(1)
-        loss = (weights * per_step).sum()
+        loss = eagle3_sft_loss(logits, labels, mask, cfg.eagle_decay)
     else:
         loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma)
     accuracy = ((logits.argmax(-1) == labels).float() * mask).sum() / mask.sum().clamp_min(1)

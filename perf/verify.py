@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from draft_opd.launch.config import load_config
-from draft_opd.launch.eval import set_threads
 from draft_opd.speculative.pretrained import load_pretrained
+from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import Target, crop_cache
 from draft_opd.speculative.testbeds import load_testbed
 

@@ -17,3 +17,8 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
         messages, add_generation_prompt=True, tokenize=True, enable_thinking=thinking, return_dict=False
     )
     return list(ids)
+
+
+def render_first_turn(tokenizer: PreTrainedTokenizerBase, first_turn: str, thinking: bool) -> list[int]:
+    """A conversation's first user turn as a prompt: what rollouts, corpora and held-out tau decode."""
+    return render_prompt(tokenizer, [{"role": "user", "content": first_turn}], thinking)

@@ -142,6 +142,11 @@ class DraftSpec(DrafterConfig):
     init: str | None = None  # "random": an untrained drafter of `kind`, for smoke runs
     seed: int = 0
 
+    def or_random(self) -> DraftSpec:
+        """Rollouts, the learner and stored features always need a drafter: a spec that names none (no path, no
+        init) means a seeded random one of its kind."""
+        return self if self.path or self.init else replace(self, init="random")
+
 
 def make_drafter(spec: DraftSpec, target) -> Drafter | None:
     """The drafter a spec asks for, attached to `target` (whose feature layers it sets), or None."""

@@ -9,12 +9,10 @@ from draft_opd.learner.losses import (
     bernoulli_forward_kl,
     dflash_sft_loss,
     draft_opd_loss,
-    eagle3_ttt_loss,
+    eagle3_sft_loss,
     greedy_conflict_shares,
     k3_reverse_kl,
-    reverse_kl_full,
     topk_forward_kl,
-    total_variation,
 )
 
 
@@ -210,27 +208,24 @@ def test_dflash_sft_loss_decay_weights_by_hand():
     assert dflash_sft_loss(logits, labels, mask, gamma).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_eagle3_ttt_loss_step_weights_by_hand():
-    logits = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
-    probs = [torch.tensor([[0.25, 0.75]]), torch.tensor([[0.5, 0.5]])]
-    masks = [torch.ones(1), torch.ones(1)]
+def test_eagle3_sft_loss_averages_each_step_then_weights_it_by_hand():
+    """Two blocks, two steps; the second block's step 2 is masked, so step 2 averages one row, not two."""
+    logits = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[0.5, 0.5], [3.0, 0.0]]])
+    labels = torch.tensor([[0, 1], [1, 0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
 
-    def soft_ce(row, p):
-        lse = math.log(sum(math.exp(v) for v in row))
-        return -sum(pi * (v - lse) for pi, v in zip(p, row))
+    def ce(row, label):
+        return math.log(sum(math.exp(v) for v in row)) - row[label]
 
-    expected = soft_ce([1.0, 0.0], [0.25, 0.75]) + 0.8 * soft_ce([0.0, 2.0], [0.5, 0.5])
-    assert eagle3_ttt_loss(logits, probs, masks).item() == pytest.approx(expected, rel=1e-5)
+    step1 = (ce([1.0, 0.0], 0) + ce([0.5, 0.5], 1)) / 2
+    step2 = ce([0.0, 2.0], 1)
+    assert eagle3_sft_loss(logits, labels, mask, decay=0.8).item() == pytest.approx(step1 + 0.8 * step2, rel=1e-5)
 
 
-def test_exact_divergences_by_hand():
-    p, q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]
-    lp, lq = torch.tensor([[p]]).log(), torch.tensor([[q]]).log()
+def test_topk_forward_kl_by_hand():
+    q = [0.2, 0.2, 0.6]
+    lq = torch.tensor([[q]]).log()
     mask = torch.ones(1, 1)
-    assert reverse_kl_full(lp, lq, mask).item() == pytest.approx(
-        sum(b * math.log(b / a) for a, b in zip(p, q)), rel=1e-5
-    )
-    assert total_variation(lp, lq, mask).item() == pytest.approx(0.5 * sum(abs(a - b) for a, b in zip(p, q)), rel=1e-5)
     # top-2 of p = tokens 0, 1, renormalised to 5/8, 3/8
     ids = torch.tensor([[[0, 1]]])
     topk = torch.tensor([[[math.log(0.5), math.log(0.3)]]])
