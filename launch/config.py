@@ -168,10 +168,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Schema <- YAML file <- overrides, validated into a `Config`."""
     layers = [OmegaConf.structured(Config)]
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file} (the shipped ones are in configs/)")
-        layers.append(OmegaConf.load(file))
+        layers.append(OmegaConf.load(config_file(path)))
     try:
         layers.append(OmegaConf.from_dotlist(_normalise(list(overrides))))
         merged = OmegaConf.merge(*layers)
@@ -191,6 +188,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     check_rollout_prompts(cfg.rollout)
     check_corpus(cfg.train)
     return cfg
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # installed with the package as package data
+
+
+def config_file(path: str | Path) -> Path:
+    """CONFIG as given if that file exists; else a shipped config named by its name (`tiny`, `configs/tiny.yaml`),
+    so that an installed `draft-opd` finds its configs from any directory."""
+    file = Path(path).expanduser()
+    if file.is_file():
+        return file
+    shipped = SHIPPED_CONFIGS / f"{file.stem}.yaml"
+    if file.suffix in ("", ".yaml") and file.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {file}; give a YAML path or a shipped config's name ({names})")
 
 
 def check_sections(cfg: Config) -> None:

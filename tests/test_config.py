@@ -44,8 +44,20 @@ def test_bad_overrides_name_the_problem(override, message):
 
 
 def test_missing_config_file():
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(
+        ConfigError, match=r"config file not found: configs/nope.yaml; .*\(qwen3-4b, qwen3-8b, smol, tiny\)"
+    ):
         load_config("configs/nope.yaml")
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny", "configs/tiny.yaml", "tiny.yaml"):
+        assert load_config(name).name == "tiny"
+    (tmp_path / "tiny.yaml").write_text("name: mine\ntarget:\n  testbed: tiny\n")
+    assert load_config("tiny.yaml").name == "mine"  # a file the user has wins over the shipped one
+    with pytest.raises(ConfigError, match="config file not found: elsewhere/tiny.yaml"):
+        load_config("elsewhere/tiny.yaml")  # a path to another folder is never taken for a name
 
 
 def test_opd_from_a_random_draft_without_sft_is_refused_unless_asked_for():
