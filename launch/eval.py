@@ -46,7 +46,7 @@ def summary_table(summaries: list[BenchmarkSummary], title: str) -> Table:
 
 
 def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSummary]:
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     set_threads(cfg.threads)
     sets = load_sets(cfg)  # read prompt files first: a bad file fails before minutes of model loading
     console.print(f"loading target ({cfg.target.testbed or cfg.target.path}) ...")

@@ -138,7 +138,7 @@ def feature_target(cfg: Config, store: bool) -> Target:
 
 def generate_corpus(cfg: Config, console: Console | None = None) -> dict[str, object]:
     """Decode every prompt the corpus at generate.out does not hold yet; returns counts and throughput."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     set_threads(cfg.threads)
     plan = plan_of(cfg)
     check_out(plan.out)

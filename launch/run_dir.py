@@ -6,6 +6,7 @@
     buffer/          the replay buffer's sealed Arrow segments
     checkpoints/step-NNNNNNN/{learner/, state.json}
     draft/           the final draft (config.json + model.safetensors)
+    workers.log      the output of a private local cluster's workers (weight loading, library warnings)
     summary.json     written last: the run finished
 
 A checkpoint's `learner/` is DeepSpeed's own (weights, optimizer, scheduler, every rank's ZeRO
@@ -59,6 +60,10 @@ class RunDir:
     @property
     def draft_dir(self) -> Path:
         return self.path / "draft"
+
+    @property
+    def worker_log(self) -> Path:
+        return self.path / "workers.log"
 
     @property
     def checkpoint_root(self) -> Path:

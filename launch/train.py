@@ -16,6 +16,7 @@ stage stops the job with one line naming it.
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -26,6 +27,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from draft_opd.buffer import BufferConfig, ReplayBufferActor
+from draft_opd.launch import worker_log
 from draft_opd.launch.config import Config, job_main, load_config, one_line, to_yaml
 from draft_opd.launch.learner_group import LearnerFault, LearnerGroup
 from draft_opd.launch.progress import StepProgress, wait_all
@@ -52,9 +54,10 @@ RUN_DEFINING = (
 """Settings a checkpoint or the stored buffer depends on: a resumed run must keep them."""
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, run: RunDir, console: Console) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`; `auto` finds one started with
-    `ray start`, e.g. by `make dashboard`), else start a private local one sized for the job."""
+    `ray start`, e.g. by `make dashboard`), else start a private local one sized for the job, whose
+    workers write their output to the run directory's log instead of the terminal."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -62,11 +65,14 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = cfg.rollout.num_actors * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus + 1
+    console.print(f"workers' output (weight loading, library warnings) goes to {run.worker_log}")
     ray.init(
         address="local",
         num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
         include_dashboard=False,
         log_to_driver=True,
+        logging_level=logging.ERROR,  # not the token-auth notice of every private cluster
+        runtime_env=worker_log.runtime_env(run.worker_log),
     )
 
 
@@ -361,7 +367,7 @@ def run_steps(job: Job, state: RunState | None, total: int) -> dict:
 
 
 def train(cfg: Config, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     total = cfg.train.sft_steps + cfg.train.opd_steps
     if total < 1:
         raise ValueError("nothing to train: set train.sft_steps and/or train.opd_steps above 0")
@@ -370,7 +376,7 @@ def train(cfg: Config, console: Console | None = None) -> dict:
     state = prepare(cfg, run, console)
     if isinstance(state, dict):
         return state
-    connect_ray(cfg)
+    connect_ray(cfg, run, console)
     job = Job(cfg, run, console, state)
     try:
         final = run_steps(job, state, total)

@@ -8,6 +8,7 @@ tested is the package's own files (modules, prompt sets, configs), not PyPI.
 from __future__ import annotations
 
 import json
+import shutil
 import site
 import subprocess
 import venv
@@ -29,8 +30,10 @@ def test_installed_package_evaluates_from_another_directory(tmp_path):
         ).strip()
     )
     (purelib / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    source = tmp_path / "source"  # setuptools builds in the source tree: a copy keeps build/ out of the repo
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info"))
     build = subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", str(ROOT)],
+        [python, "-m", "pip", "install", "-q", "--no-deps", str(source)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
