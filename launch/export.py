@@ -3,8 +3,8 @@
 OUT_DIR/config.json + model.safetensors are the run's draft, byte for byte (`draft-opd eval CONFIG
 draft=OUT_DIR` loads them); OUT_DIR/training_config.yaml is the run's config (a CONFIG for that eval);
 OUT_DIR/<format>/ is the checkpoint SGLang and vLLM load, written only where the mapping is exact
-(speculative/formats.py); OUT_DIR/README.md is the card: architecture, training, measured tau, how to
-evaluate and serve it.
+(speculative/formats.py), a DFlash one naming z-lab's published modeling code in its auto_map (DFLASH_CODE);
+OUT_DIR/README.md is the card: architecture, training, measured tau, how to evaluate, serve and load it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ from draft_opd.launch.run_dir import RunDir
 from draft_opd.speculative.drafter import DrafterConfig, read_native_config
 from draft_opd.speculative.formats import FORMATS, serving_blockers, to_format
 
+DFLASH_CODE = "z-lab/Qwen3-8B-DFlash-b16--dflash.DFlashDraftModel"
+"""The `auto_map["AutoModel"]` of `dflash/config.json`: z-lab's own `DFlashDraftModel`, in the modeling file
+`dflash.py` of their published draft for Qwen3-8B (the repository z-lab's README loads with `AutoModel`), in
+transformers' cross-repository form `<repo>--<module>.<Class>`. So `AutoModel.from_pretrained(OUT_DIR/dflash,
+trust_remote_code=True)` builds z-lab's class rather than a plain Qwen3Model (the config is a Qwen3 one), and
+nothing of theirs is copied here. z-lab's Qwen3 DFlash configs name their code `dflash.DFlashDraftModel` (copies
+of z-lab/Qwen3-4B-DFlash-b16's config, SpecForge's configs/qwen3-4b-dflash.json), and z-lab's `DFlashDraftModel`
+takes every shape from the config (Qwen3 layers, `dflash_config`, `block_size`), so it builds any draft in this
+format. No `AutoConfig` entry: the config is a stock Qwen3Config, `DFlashDraftModel.config_class`. Pass another
+reference to `export(dflash_code=...)` (or `--dflash-code`) to name another published copy of that code."""
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "draft/config.json", "draft/model.safetensors")
 OWNED = ("config.json", "model.safetensors", "training_config.yaml", "README.md", *FORMATS)  # what --force replaces
 CHOICES = ("auto", "none", *FORMATS)
@@ -127,19 +137,47 @@ def target_shape(target: dict) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(getattr(config, "max_position_embeddings", 32768))
 
 
-def serving_checkpoint(run: Run, fmt: str) -> tuple[dict, dict]:
-    """The (config, tensors) of `fmt`, built in memory so that a failure leaves OUT_DIR untouched."""
+def code_reference(reference: str) -> tuple[str, str, str]:
+    """(repository, module, class) of a cross-repository auto_map entry `<repo>--<module>.<Class>`, read as
+    transformers reads it (`dynamic_module_utils.get_class_from_dynamic_module`: split at `--`, then at `.`)."""
+    repo, sep, rest = reference.partition("--")
+    module, dot, name = rest.partition(".")
+    if not (sep and repo.count("/") == 1 and all(repo.split("/")) and dot and module.isidentifier()):
+        raise ValueError(
+            f"--dflash-code {reference!r} is not <hub repo>--<module>.<Class>, e.g. {DFLASH_CODE} "
+            "(a published repository holding <module>.py, as transformers' auto_map names remote code)"
+        )
+    if not name.isidentifier():
+        raise ValueError(f"--dflash-code {reference!r}: the class {name!r} is not a Python name")
+    return repo, module, name
+
+
+def serving_checkpoint(run: Run, fmt: str, dflash_code: str = DFLASH_CODE) -> tuple[dict, dict]:
+    """The (config, tensors) of `fmt`, built in memory so that a failure leaves OUT_DIR untouched. A DFlash config
+    also names the published code that `AutoModel.from_pretrained(..., trust_remote_code=True)` runs (DFLASH_CODE)."""
     state = load_file(str(run.dir / "draft" / "model.safetensors"))
     layers, positions = target_shape(run.config.get("target") or {})
-    return to_format(fmt, run.draft, state, layers, positions)
+    config, tensors = to_format(fmt, run.draft, state, layers, positions)
+    if fmt == "dflash":
+        architectures = config.pop("architectures")
+        config = {"architectures": architectures, "auto_map": {"AutoModel": dflash_code}, **config}
+    return config, tensors
 
 
-def export(run_dir: str | Path, out_dir: str | Path, formats: str = "auto", force: bool = False) -> Exported:
-    """Write the run's draft, its serving format (where exact) and its card into `out_dir`."""
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    formats: str = "auto",
+    force: bool = False,
+    dflash_code: str = DFLASH_CODE,
+) -> Exported:
+    """Write the run's draft, its serving format (where exact) and its card into `out_dir`. `dflash_code` is the
+    published modeling code a DFlash export's `auto_map` names (DFLASH_CODE)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    code_reference(dflash_code)
     run = read_run(run_dir)
     chosen, not_written = choose_formats(run.draft, formats)
-    checkpoints = {fmt: serving_checkpoint(run, fmt) for fmt in chosen}
+    checkpoints = {fmt: serving_checkpoint(run, fmt, dflash_code) for fmt in chosen}
     prepare_out_dir(out_dir, run_dir, force)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(run_dir / "draft" / name, out_dir / name)
@@ -306,6 +344,62 @@ Exact only with strictly ascending feature layers (servers capture in depth orde
 three of them (both servers build `fc` over 3 x hidden). RoPE is plain (no scaling), as in our drafters."""  # noqa: E501 (a markdown table)
 
 
+def transformers_section(result: Exported) -> str:
+    """How to load `dflash/` with transformers: z-lab's published code through auto_map, or z-lab's GitHub code."""
+    path = result.out_dir / "dflash"
+    reference = json.loads((path / "config.json").read_text())["auto_map"]["AutoModel"]
+    repo, module, name = code_reference(reference)
+    return f"""## Loading with transformers
+
+`dflash/config.json` names z-lab's published modeling code in its `auto_map`:
+`"AutoModel": "{reference}"`. With it, `AutoModel` fetches `{module}.py` (and the files that imports)
+from the Hugging Face repository [{repo}](https://huggingface.co/{repo}) and builds that file's
+`{name}` from this directory's config and weights. No modeling code is copied into this export. What runs
+is z-lab's code, so loading needs
+
+- `trust_remote_code=True`: without it transformers quietly builds a plain `Qwen3Model` from this
+  Qwen3 config (`fc` and `hidden_norm` unexpected, `embed_tokens` missing);
+- access to the Hugging Face hub, or a copy of `{repo}`'s `.py` files already in the local
+  Hugging Face cache (below).
+
+```python
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+draft = AutoModel.from_pretrained("{path}", trust_remote_code=True, dtype="auto").eval()
+target = AutoModelForCausalLM.from_pretrained("TARGET", dtype="auto").eval()
+tokenizer = AutoTokenizer.from_pretrained("TARGET")
+# then, as z-lab's README does: draft.spec_generate(input_ids=input_ids, max_new_tokens=2048,
+#     temperature=0.0, target=target, stop_token_ids=[tokenizer.eos_token_id])
+```
+
+Without hub access where the model runs: download the code once on a machine that has it (into the Hugging
+Face cache, which you then carry over), and load with the hub switched off. `code_revision="<commit>"` in
+`from_pretrained` pins the code to one commit of `{repo}`.
+
+```bash
+hf download {repo} --include "*.py"
+HF_HUB_OFFLINE=1 python your_script.py
+```
+
+The other route needs neither `trust_remote_code` nor the hub: z-lab's GitHub code, `dflash/model.py` of
+https://github.com/z-lab/dflash. That is the code this format was checked against (on CPU: it loads
+`dflash/` strictly, and its `dflash_generate` accepts exactly as this repository's decoding loop does).
+
+```bash
+git clone https://github.com/z-lab/dflash.git && cd dflash && pip install -e ".[transformers]"
+```
+
+```python
+from dflash.model import DFlashDraftModel, dflash_generate
+
+draft = DFlashDraftModel.from_pretrained("{path}", dtype="auto").eval()
+output_ids = dflash_generate(draft, target=target, input_ids=input_ids, max_new_tokens=2048,
+                             stop_token_ids=[tokenizer.eos_token_id], temperature=0.0)
+```
+
+"""
+
+
 def model_card(run: Run, result: Exported) -> str:
     draft, out = run.draft, result.out_dir
     target = _section(run.config, "target")
@@ -346,7 +440,7 @@ run's draft on the same prompts.
 
 {serving_section(run, result)}
 
-## Files
+{transformers_section(result) if "dflash" in result.formats else ""}## Files
 
 - `config.json`, `model.safetensors`: the draft in this repository's format.
 - `training_config.yaml`: the run's configuration.
@@ -370,10 +464,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serving format to write: auto (the draft's own, where the mapping is exact), none, "
         "or dflash/eagle3 (an error where it is not exact)",
     )
+    parser.add_argument(
+        "--dflash-code",
+        default=DFLASH_CODE,
+        metavar="REPO--MODULE.CLASS",
+        help="the published modeling code dflash/config.json's auto_map names, for "
+        f"AutoModel.from_pretrained(..., trust_remote_code=True) (default {DFLASH_CODE})",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m draft_opd.launch.export RUN_DIR OUT_DIR [--force] [--formats F]`, the same as `draft-opd export`."""
+    """`python -m draft_opd.launch.export RUN_DIR OUT_DIR [--force] [--formats F] [--dflash-code C]`, the same as
+    `draft-opd export`."""
     parser = argparse.ArgumentParser(prog="python -m draft_opd.launch.export", description=EXPORT_HELP)
     add_arguments(parser)
     cli(parser.parse_args(argv))
@@ -382,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
 def cli(args: argparse.Namespace) -> Exported:
     """Run an export from parsed arguments; bad input ends the process with one line naming the fix."""
     try:
-        result = export(args.run_dir, args.out_dir, args.formats, args.force)
+        result = export(args.run_dir, args.out_dir, args.formats, args.force, args.dflash_code)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         sys.exit(f"draft-opd export: error: {err}")
     written = ", ".join(f"{fmt}/" for fmt in result.formats) or "no serving format"

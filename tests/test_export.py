@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from draft_opd.launch.cli import main
 from draft_opd.launch.config import load_config, to_yaml
 from draft_opd.launch.eval import run_eval
-from draft_opd.launch.export import export
+from draft_opd.launch.export import DFLASH_CODE, code_reference, export
 from draft_opd.prompts.chat import render_prompt
 from draft_opd.prompts.sets import load_benchmark
 from draft_opd.speculative.decode import DecodeConfig, generate
@@ -212,6 +212,77 @@ def test_serving_format_maps_back_to_identical_logits(exported, tiny_target):
 
     logits = [d.propose(d.begin(features, prompt), torch.tensor(7), len(prompt), 7, pick)[1] for d in (original, back)]
     assert torch.equal(*logits)
+
+
+def test_dflash_config_names_zlabs_published_code_in_transformers_cross_repo_form(exported, tmp_path):
+    """`dflash/config.json` has `auto_map = {"AutoModel": "z-lab/Qwen3-8B-DFlash-b16--dflash.DFlashDraftModel"}`,
+    and transformers itself reads it so: `AutoModel.from_pretrained(dflash/, trust_remote_code=True)` goes to fetch
+    `dflash.py` from that hub repository for class `DFlashDraftModel`. The hub cannot be reached here, so the load
+    runs with `local_files_only=True` and an empty cache, and stops (OSError) exactly there; the test reads the
+    repository, module file and class from the arguments of transformers' own `get_class_from_dynamic_module` and
+    `get_cached_module_file` in that traceback. Nothing is mocked. Without `trust_remote_code` the same directory
+    quietly loads as a plain Qwen3Model (the failure the card warns of). EAGLE-3 gets no auto_map."""
+    from transformers import AutoModel
+
+    kind, _, result = exported
+    config = json.loads((result.out_dir / kind / "config.json").read_text())
+    if kind != "dflash":
+        assert "auto_map" not in config
+        return
+    assert (
+        config["auto_map"]
+        == {"AutoModel": "z-lab/Qwen3-8B-DFlash-b16--dflash.DFlashDraftModel"}
+        == {"AutoModel": DFLASH_CODE}
+    )
+    assert code_reference(DFLASH_CODE) == ("z-lab/Qwen3-8B-DFlash-b16", "dflash", "DFlashDraftModel")
+    with pytest.raises(OSError) as failure:
+        AutoModel.from_pretrained(
+            result.out_dir / kind, trust_remote_code=True, local_files_only=True, cache_dir=tmp_path / "hub"
+        )
+    calls = {entry.frame.code.name: entry.locals for entry in failure.traceback}
+    resolved = calls["get_class_from_dynamic_module"]
+    assert (resolved["repo_id"], resolved["module_file"], resolved["class_name"]) == (
+        "z-lab/Qwen3-8B-DFlash-b16",
+        "dflash",
+        "DFlashDraftModel",
+    )
+    fetched = calls["get_cached_module_file"]
+    assert (str(fetched["pretrained_model_name_or_path"]), fetched["module_file"]) == (
+        "z-lab/Qwen3-8B-DFlash-b16",
+        "dflash.py",
+    )
+    assert type(AutoModel.from_pretrained(result.out_dir / kind)).__name__ == "Qwen3Model"
+
+
+def test_card_says_how_to_load_with_transformers(exported):
+    kind, _, result = exported
+    card = (result.out_dir / "README.md").read_text()
+    if kind != "dflash":
+        assert "## Loading with transformers" not in card
+        return
+    section = card.split("## Loading with transformers", 1)[1].split("\n## ", 1)[0]
+    path = result.out_dir / "dflash"
+    assert f'"AutoModel": "{DFLASH_CODE}"' in section
+    assert "https://huggingface.co/z-lab/Qwen3-8B-DFlash-b16" in section and "`dflash.py`" in section
+    assert f'AutoModel.from_pretrained("{path}", trust_remote_code=True' in section
+    assert "plain `Qwen3Model`" in section  # what happens without trust_remote_code
+    assert 'hf download z-lab/Qwen3-8B-DFlash-b16 --include "*.py"' in section and "HF_HUB_OFFLINE=1" in section
+    assert "git clone https://github.com/z-lab/dflash.git" in section
+    assert "from dflash.model import DFlashDraftModel, dflash_generate" in section
+    assert f'DFlashDraftModel.from_pretrained("{path}"' in section
+
+
+def test_dflash_code_is_configurable_and_checked(tiny_target, tmp_path):
+    run = make_run(tmp_path, tiny_draft(tiny_target, "dflash", TINY_FEATURE_LAYERS))
+    other = "z-lab/Qwen3-4B-DFlash-b16--dflash.DFlashDraftModel"
+    main(["export", str(run), str(tmp_path / "out"), "--dflash-code", other])
+    assert json.loads((tmp_path / "out" / "dflash" / "config.json").read_text())["auto_map"] == {"AutoModel": other}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "https://huggingface.co/z-lab/Qwen3-4B-DFlash-b16" in card and "Qwen3-8B" not in card
+    for bad in ("dflash.DFlashDraftModel", "z-lab--dflash.DFlashDraftModel", "z-lab/x--dflash", "z-lab/x--a.b.C"):
+        with pytest.raises(SystemExit, match="is not <hub repo>--<module>.<Class>|is not a Python name"):
+            main(["export", str(run), str(tmp_path / "bad"), "--dflash-code", bad])
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(
