@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lint test test-slow run eval-smol smol bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
+.PHONY: setup lint test test-slow run eval-smol smol bench-speedup bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,9 @@ ray-down:
 	$(BIN)/ray stop
 	if [ -f runs/.tensorboard.pid ]; then kill $$(cat runs/.tensorboard.pid) 2>/dev/null; rm -f runs/.tensorboard.pid; fi
 
+bench-speedup: smol  # the phases of a speculative step vs a plain step; DRAFT=DIR for a trained draft
+	$(BIN)/python -m draft_opd.perf.speedup configs/smol.yaml $(if $(DRAFT),draft=$(DRAFT))
+
 bench-verify: smol
 	$(BIN)/python -m draft_opd.perf.verify configs/smol.yaml
 
@@ -67,8 +70,8 @@ bench-rollout: smol
 bench-learner: smol
 	$(BIN)/python -m draft_opd.perf.learner configs/smol.yaml
 
-curve: smol
-	$(BIN)/python -m draft_opd.studies.sft_curve configs/smol.yaml
+curve: smol  # about 2 hours; a shorter one: make curve CURVE_ARGS="generate.num_prompts=1024 train.sft_steps=800"
+	$(BIN)/python -m draft_opd.studies.sft_curve configs/smol.yaml $(CURVE_ARGS)
 
 study: smol  # the whole grid by default; e.g. make study STUDY_ARGS="--starts plateau --arms sft,opd --seeds 0"
 	$(BIN)/python -m draft_opd.studies.opd configs/smol.yaml $(STUDY_ARGS)
