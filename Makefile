@@ -32,9 +32,11 @@ smol: setup
 run: smol
 	$(BIN)/draft-opd train configs/smol.yaml resume=auto
 
-eval-smol: smol
-	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=4 \
-		draft=runs/smol/draft eval.out=runs/eval-smol.json
+DRAFT ?= models/smol-dflash  # the shipped draft (make curve); DRAFT=runs/smol/draft for the make run one
+EVAL_PROMPTS ?= 50
+eval-smol: smol  # tau, speedup and losslessness: GSM8K test and HumanEval, EVAL_PROMPTS x 128 new tokens, fp32
+	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=$(EVAL_PROMPTS) \
+		eval.max_new_tokens=128 draft=$(DRAFT) eval.out=runs/eval-smol.json
 
 METRICS_PORT ?= 8080
 TENSORBOARD_PORT ?= 6006

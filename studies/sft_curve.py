@@ -20,8 +20,12 @@ resumable and skipped once done, so an interrupted `make curve` picks up where i
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from draft_opd.launch.config import load_config
 from draft_opd.launch.generate import generate_corpus
@@ -64,6 +68,48 @@ TRAIN = [
 
 
 CURVE_PROMPTS, CURVE_TOKENS = 50, 128  # held-out GSM8K test prompts x new tokens of every point
+SHIPPED = Path("models/smol-dflash")  # the draft the repository ships: replaced only by a better one
+
+
+def ship(run: RunDir, points: list[dict], command: str, out: Path = SHIPPED) -> bool:
+    """Copy the run's final draft into `out` in bf16, with its training config and a card, if its held-out tau
+    beats the one `out` holds (or `out` holds none); True if it did."""
+    final = points[-1]
+    card = out / "card.json"
+    if card.exists() and json.loads(card.read_text())["held_out_tau"] >= final["eval_tau"]:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(str(run.draft_dir / "model.safetensors")).items()}
+    save_file(state, str(out / "model.safetensors"))
+    shutil.copyfile(run.draft_dir / "config.json", out / "config.json")
+    shutil.copyfile(run.config_file, out / "training_config.yaml")
+    lineage = {
+        "command": command,
+        "steps": final["step"],
+        "trained_tokens": final["trained_tokens"],
+        "train_hours": round(final["train_hours"], 3),
+        "held_out_tau": final["eval_tau"],
+        "held_out_tau_pooled": final["eval_tau_pooled"],
+        "held_out": f"GSM8K test, first {CURVE_PROMPTS} prompts x {CURVE_TOKENS} new tokens, fp32 target, "
+        "text-walked tau (studies/text_eval.py)",
+    }
+    card.write_text(json.dumps(lineage, indent=2) + "\n")
+    (out / "README.md").write_text(CARD.format(**lineage))
+    return True
+
+
+CARD = """# smol-dflash: an offline-SFT DFlash draft for SmolLM2-135M-Instruct
+
+Made by this repository's own pipeline: `{command}` (offline SFT on the target's greedy answers to GSM8K
+training prompts, `studies/sft_curve.py`), {steps} learner steps, {trained_tokens:.0f} label tokens,
+{train_hours} h of training on 2 CPU cores. Weights in bf16 (`model.safetensors`); `config.json` is this
+repository's drafter format; `training_config.yaml` is the run's resolved config.
+
+Held-out tau: **{held_out_tau:.3f}** (pooled {held_out_tau_pooled:.3f}) on {held_out}.
+
+Evaluate it: `make eval-smol`, or
+`draft-opd eval configs/smol.yaml draft=models/smol-dflash eval.benchmarks=[gsm8k,humaneval]`.
+"""
 
 
 def curve(records: list[dict], taus: dict[int, dict]) -> list[dict]:
@@ -136,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     scorer = TextScorer(lambda *keys: load_config(path, [*keys, *overrides]), out, CURVE_PROMPTS, CURVE_TOKENS)
     points = curve(run.records(), score(scorer, run, cfg.train.sft_steps))
     (out / "curve.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2))
+    command = " ".join(["make curve", *([f'CURVE_ARGS="{" ".join(overrides)}"'] if overrides else [])])
+    if ship(run, points, command):
+        print(f"shipped the final draft to {SHIPPED} (held-out tau {points[-1]['eval_tau']:.3f})")
     title = (
         f"offline SFT on {cfg.name}: {cfg.draft.kind} block {cfg.draft.block_size}, "
         f"{CURVE_PROMPTS} GSM8K test prompts x {CURVE_TOKENS} tokens"

@@ -158,3 +158,29 @@ def run_curve_then_study(tmp_path):
     study_opd.main(args)
     assert (tmp_path / "study" / "plateau" / "sft-s0" / "scores.json").stat().st_mtime == stamp
     assert json.loads((tmp_path / "study" / "table.json").read_text())["rows"] == table["rows"]
+
+
+def test_ship_writes_a_loadable_bf16_draft_and_keeps_a_better_one(tmp_path, tiny_target):
+    import torch
+    from safetensors.torch import load_file
+
+    from draft_opd.launch.run_dir import RunDir
+    from draft_opd.speculative.drafter import DrafterConfig
+    from draft_opd.speculative.loading import build_drafter, load_drafter
+    from draft_opd.studies.sft_curve import ship
+
+    run = RunDir(tmp_path / "run")
+    drafter = build_drafter(DrafterConfig(kind="dflash", block_size=4, mask_token_id=259), tiny_target)
+    drafter.save(run.draft_dir)
+    run.config_file.write_text("name: sft\n")
+    point = {"step": 10, "trained_tokens": 100.0, "train_hours": 0.01, "eval_tau": 1.5, "eval_tau_pooled": 1.4}
+    out = tmp_path / "models" / "smol-dflash"
+    assert ship(run, [point], "make curve", out)
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    loaded = load_drafter(out, tiny_target)
+    for name, value in drafter.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.to(torch.bfloat16).to(value.dtype)), name
+    assert "1.500" in (out / "README.md").read_text() and "make curve" in (out / "README.md").read_text()
+    assert not ship(run, [{**point, "eval_tau": 1.4}], "make curve", out)  # not better: the shipped one stays
+    assert json.loads((out / "card.json").read_text())["held_out_tau"] == 1.5
+    assert ship(run, [{**point, "eval_tau": 1.6}], "make curve", out)
