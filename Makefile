@@ -32,7 +32,8 @@ smol: setup
 run: smol
 	$(BIN)/draft-opd train configs/smol.yaml resume=auto
 
-DRAFT ?= models/smol-dflash  # the shipped draft (make curve); DRAFT=runs/smol/draft for the make run one
+# the shipped draft (make curve); DRAFT=runs/smol/draft for the make run one
+DRAFT ?= models/smol-dflash
 EVAL_PROMPTS ?= 50
 eval-smol: smol  # tau, speedup and losslessness: GSM8K test and HumanEval, EVAL_PROMPTS x 128 new tokens, fp32
 	$(BIN)/draft-opd eval configs/smol.yaml eval.benchmarks=[gsm8k,humaneval] eval.num_prompts=$(EVAL_PROMPTS) \
@@ -60,8 +61,8 @@ ray-down:
 	$(BIN)/ray stop
 	if [ -f runs/.tensorboard.pid ]; then kill $$(cat runs/.tensorboard.pid) 2>/dev/null; rm -f runs/.tensorboard.pid; fi
 
-bench-speedup: smol  # the phases of a speculative step vs a plain step; DRAFT=DIR for a trained draft
-	$(BIN)/python -m draft_opd.perf.speedup configs/smol.yaml $(if $(DRAFT),draft=$(DRAFT))
+bench-speedup: smol  # the phases of a speculative step vs a plain step, with the draft DRAFT
+	$(BIN)/python -m draft_opd.perf.speedup configs/smol.yaml draft=$(DRAFT)
 
 bench-verify: smol
 	$(BIN)/python -m draft_opd.perf.verify configs/smol.yaml
