@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lint test test-slow run eval-smol smol bench-speedup bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
+.PHONY: setup lint test test-slow gpu-check run eval-smol smol bench-speedup bench-verify bench-buffer bench-faults bench-rollout bench-learner curve study dashboard ray-up ray-down clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ test: setup lint
 lint: setup  # ruff: lint and format check (line length 120, pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+gpu-check: setup  # on a machine with CUDA: the GPU tests, one summary line per test, 10 minutes at most
+	timeout 600 $(BIN)/pytest -m gpu -rA -q tests/test_gpu.py
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow
