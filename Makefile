@@ -70,8 +70,8 @@ bench-speedup: smol  # the phases of a speculative step vs a plain step, with th
 bench-verify: smol
 	$(BIN)/python -m draft_opd.perf.verify configs/smol.yaml
 
-bench-rollout: smol
-	$(BIN)/python -m draft_opd.perf.rollout configs/smol.yaml
+bench-rollout: smol  # sequential B=1, 4, 16 against parallel rollouts, with the draft DRAFT
+	$(BIN)/python -m draft_opd.perf.rollout configs/smol.yaml draft=$(DRAFT)
 
 bench-learner: smol
 	$(BIN)/python -m draft_opd.perf.learner configs/smol.yaml

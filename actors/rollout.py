@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import ray
@@ -20,22 +18,19 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from draft_opd.actors.greedy_text import CorpusText, DecodedText, GreedyText
 from draft_opd.actors.prompts import PromptPool, load_prompts
+from draft_opd.actors.requests import Request, decode_requests, fits_context, trajectory_id
 from draft_opd.buffer import Trajectory
 from draft_opd.prompts.chat import render_first_turn
-from draft_opd.speculative.batch_decode import generate_batch
-from draft_opd.speculative.decode import (
-    ContextTooLongError,
-    DecodeConfig,
-    DecodeResult,
-    block_size_of,
-    check_context,
-    generate,
-)
+from draft_opd.speculative.decode import DecodeConfig, DecodeResult, block_size_of, generate
 from draft_opd.speculative.loading import DraftSpec, make_drafter
+from draft_opd.speculative.parallel_rollout import rollout_on_text
 from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import TargetConfig, load_target
 from draft_opd.speculative.tau import tau_mean, tau_pooled
+
+ROLLOUT_MODES = ("auto", "parallel", "sequential")
 
 
 @dataclass
@@ -53,6 +48,22 @@ class RolloutConfig:
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
     placement_timeout_s: float = 60.0
+    mode: str = "auto"  # parallel | sequential | auto: parallel at T = 0, sequential at T > 0
+    text_corpus: str | None = None  # parallel: greedy texts from this `draft-opd generate` corpus where it has them
+
+    def __post_init__(self) -> None:
+        if self.mode not in ROLLOUT_MODES:
+            raise ValueError(f"rollout.mode={self.mode!r} is not one of {', '.join(ROLLOUT_MODES)}")
+        if self.mode == "parallel" and self.temperature > 0:
+            raise ValueError(
+                f"rollout.mode=parallel needs rollout.temperature=0 (got {self.temperature}): at T > 0 the "
+                "committed text depends on the draft; use rollout.mode=sequential or auto"
+            )
+
+    @property
+    def parallel(self) -> bool:
+        """Whether rollouts are rebuilt from the greedy text (`speculative.parallel_rollout`) or decoded."""
+        return self.mode == "parallel" or (self.mode == "auto" and self.temperature == 0)
 
 
 def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_version: int, actor_id: str) -> Trajectory:
@@ -76,54 +87,6 @@ def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_vers
         topk_logprobs=[s.topk_logprobs or [] for s in steps] if topk else None,
         features=features,
     )
-
-
-def trajectory_id(epoch: int, conv) -> str:
-    """A prompt's trajectory in one epoch of the stream: the idempotency key of buffer inserts."""
-    return f"{conv.benchmark}/{conv.id}@{epoch}"
-
-
-@dataclass(frozen=True)
-class Request:
-    """A prompt ready to decode: its trajectory id, prompt id, rendered tokens (first user turn) and seed."""
-
-    traj_id: str
-    prompt_id: str
-    prompt: list[int]
-    seed: int  # from the trajectory id: a retried or resumed prompt samples the same tokens
-
-    @classmethod
-    def of(cls, tokenizer, epoch: int, conv, thinking: bool) -> Request:
-        traj_id = trajectory_id(epoch, conv)
-        prompt = render_first_turn(tokenizer, conv.turns[0], thinking)
-        return cls(traj_id, f"{conv.benchmark}/{conv.id}", prompt, zlib.crc32(traj_id.encode()))
-
-
-def fits_context(target, request: Request, max_new_tokens: int, block_size: int, who: str, key: str) -> bool:
-    """Whether prompt + `max_new_tokens` fit the target's context; if not, a warning names the prompt and `key`,
-    the setting that would keep it: a long prompt is skipped, it does not stop a job."""
-    try:
-        check_context(target, len(request.prompt), max_new_tokens, block_size)
-    except ContextTooLongError as err:
-        warnings.warn(f"{who}: skipped prompt {request.traj_id}: {err.problem}; to keep it, lower {key}", stacklevel=3)
-        return False
-    return True
-
-
-def decode_requests(
-    target, drafter, decode: DecodeConfig, batch_size: int, requests: Iterable[Request]
-) -> Iterator[tuple[Request, DecodeResult]]:
-    """(request, result) in the order rows finish, `batch_size` rows per target pass (`generate_batch`);
-    requests are read lazily, one whenever a row is free."""
-    taken: list[Request] = []
-
-    def prompts() -> Iterator[tuple[list[int], int]]:
-        for request in requests:
-            taken.append(request)
-            yield request.prompt, request.seed
-
-    for index, result in generate_batch(target, prompts(), drafter, decode, batch_size):
-        yield taken[index], result
 
 
 def acceptance_by_position(accept_len: list[int], proposals: int) -> list[float]:
@@ -163,16 +126,29 @@ class RolloutWorker:
             topk_logprobs=rollout.topk_logprobs,
             keep_features=rollout.store_features,
         )
+        self.text = self._greedy_text() if rollout.parallel else None
+
+    def _greedy_text(self) -> GreedyText:
+        decoded = DecodedText(self.target, self.decode, self.cfg.batch_size)
+        if self.cfg.text_corpus is None:
+            return decoded
+        return CorpusText(self.cfg.text_corpus, self.decode.max_new_tokens, self.target.stop_token_ids(), decoded)
 
     def rollout(self) -> Trajectory:
         """One trajectory from the next prompt that fits the target's context (its first user turn)."""
         return next(self.rollouts(1))
 
     def rollouts(self, count: int) -> Iterator[Trajectory]:
-        """`count` trajectories from the next prompts that fit; with rollout.batch_size > 1 they are decoded
-        that many at once and come in the order they finish."""
+        """`count` trajectories from the next prompts that fit, in the order they finish: in parallel mode rebuilt
+        from each prompt's greedy text (decoded rollout.batch_size at a time, once per prompt), else decoded
+        rollout.batch_size at once."""
         requests = self._requests(count)
-        if self.cfg.batch_size == 1:
+        if self.text is not None:
+            decoded = (
+                (r, rollout_on_text(self.target, self.drafter, text, len(r.prompt), self.decode))
+                for r, text in self.text.texts(requests)
+            )
+        elif self.cfg.batch_size == 1:
             decoded = (
                 (r, generate(self.target, r.prompt, self.drafter, replace(self.decode, seed=r.seed))) for r in requests
             )

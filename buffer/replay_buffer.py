@@ -17,6 +17,8 @@ from draft_opd.buffer.schema import SCHEMA, Columns, Trajectory, ragged, validat
 from draft_opd.buffer.segments import SegmentLog, SegmentWarning
 from draft_opd.buffer.store import TrajectoryStore
 
+CORPUS_CAPACITY = 10_000_000  # trajectories: a buffer opened with it (a corpus) is never evicted
+
 
 @dataclass
 class BufferConfig:

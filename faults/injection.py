@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from draft_opd.actors.prompts import PromptPool, load_prompts
-from draft_opd.actors.rollout import trajectory_id
+from draft_opd.actors.requests import trajectory_id
 from draft_opd.buffer import BufferConfig, ReplayBuffer
 from draft_opd.launch.config import Config
 from draft_opd.launch.run_dir import RunDir

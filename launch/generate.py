@@ -31,11 +31,11 @@ from pathlib import Path
 from rich.console import Console
 
 from draft_opd.actors.prompts import load_prompts
-from draft_opd.actors.rollout import Request, decode_requests, fits_context, to_trajectory
-from draft_opd.buffer import BufferConfig, ReplayBuffer, foreign_files
+from draft_opd.actors.requests import Request, decode_requests, fits_context
+from draft_opd.actors.rollout import to_trajectory
+from draft_opd.buffer import CORPUS_CAPACITY, BufferConfig, ReplayBuffer, foreign_files
 from draft_opd.launch.config import Config, job_main
 from draft_opd.launch.progress import StepProgress
-from draft_opd.launch.train import CORPUS_CAPACITY
 from draft_opd.prompts.sets import Conversation
 from draft_opd.speculative.decode import DecodeConfig
 from draft_opd.speculative.loading import make_drafter

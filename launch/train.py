@@ -26,7 +26,7 @@ import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from draft_opd.buffer import BufferConfig, ReplayBufferActor
+from draft_opd.buffer import CORPUS_CAPACITY, BufferConfig, ReplayBufferActor
 from draft_opd.launch import worker_log
 from draft_opd.launch.config import Config, job_main, load_config, one_line, to_yaml
 from draft_opd.launch.learner_group import LearnerFault, LearnerGroup
@@ -36,7 +36,6 @@ from draft_opd.launch.run_dir import RunDir, RunState, read_state, write_state
 from draft_opd.launch.telemetry import Telemetry
 
 BOOKKEEPING = ("step_s", "tokens", "blocks", "staleness")  # learner results that are not loss terms
-CORPUS_CAPACITY = 10_000_000  # trajectories: a corpus is never evicted
 
 RUN_DEFINING = (
     "target",

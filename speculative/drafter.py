@@ -105,6 +105,8 @@ class DraftState:
 class Drafter(nn.Module):
     """Base class. Shared target weights are held outside the module tree: never saved or trained."""
 
+    chained = False  # whether a proposal reads the block's earlier proposals (EAGLE-3) or only the context (DFlash)
+
     def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head: nn.Module):
         super().__init__()
         self.cfg = cfg

@@ -61,6 +61,8 @@ def causal_mask(query_len: int, cached: int, device: torch.device) -> torch.Tens
 
 
 class Eagle3Drafter(Drafter):
+    chained = True
+
     def __init__(self, cfg: DrafterConfig, embed_weight: torch.Tensor, head: nn.Module):
         if cfg.num_layers != 1:
             raise ValueError(f"an eagle3 drafter has one decoder layer (got num_layers={cfg.num_layers})")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from draft_opd.actors.rollout import Request, decode_requests
+from draft_opd.actors.requests import Request, decode_requests
 from draft_opd.launch.config import Config
 from draft_opd.launch.run_dir import RunDir
 from draft_opd.prompts.sets import load_benchmark

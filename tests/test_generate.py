@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from rich.console import Console
 
 from draft_opd.actors.prompts import load_prompts
-from draft_opd.actors.rollout import Request
+from draft_opd.actors.requests import Request
+from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
 from draft_opd.buffer import BufferConfig, ReplayBuffer, SegmentWarning, Trajectory
 from draft_opd.launch.config import load_config
 from draft_opd.launch.generate import generate_corpus
@@ -61,6 +63,25 @@ def test_outputs_equal_plain_greedy_generate(tmp_path, tiny_target, batch):
         # block size 1: each pass after the prefill verified the last token and committed one, proposing nothing
         assert row.anchors == list(range(len(request.prompt), len(row.input_ids) - 1))
         assert row.draft_tokens == [[]] * len(row.anchors) and set(row.accept_len) == {0} and row.features is None
+
+
+def test_parallel_rollouts_take_the_corpus_text_where_it_holds_the_prompt(tmp_path):
+    run(tmp_path / "corpus", "generate.num_prompts=3", f"generate.max_new_tokens={NEW_TOKENS}")
+    cfg = load_config("configs/tiny.yaml", [])
+    rollout = RolloutConfig(num_prompts=5, max_new_tokens=NEW_TOKENS, text_corpus=str(tmp_path / "corpus"))
+    parallel = RolloutWorker(cfg.target, cfg.draft, rollout)
+    sequential = RolloutWorker(
+        cfg.target, cfg.draft, RolloutConfig(num_prompts=5, max_new_tokens=NEW_TOKENS, mode="sequential")
+    )
+    a = {t.traj_id: t for t in parallel.rollouts(5)}
+    b = {t.traj_id: t for t in sequential.rollouts(5)}
+    assert sorted(parallel.text.known) == [f"gsm8k_train/{i}" for i in range(3)]
+    assert sorted(parallel.text.fallback.known) == ["gsm8k_train/3", "gsm8k_train/4"]  # decoded: not in the corpus
+    assert {k: (t.input_ids, t.accept_len) for k, t in a.items()} == {
+        k: (t.input_ids, t.accept_len) for k, t in b.items()
+    }
+    longer = RolloutWorker(cfg.target, cfg.draft, replace(rollout, max_new_tokens=NEW_TOKENS + 8))
+    assert not longer.text.known  # a corpus text shorter than max_new_tokens (and without a stop) is not used
 
 
 def test_corpus_reopens_and_an_sft_step_samples_from_it(tmp_path, tiny_target):

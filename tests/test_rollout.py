@@ -80,7 +80,7 @@ def test_stored_features_are_fp16_target_features(tiny_target):
 def test_batched_rollouts_equal_batch_one_trajectories():
     """rollout.batch_size decodes several prompts per verify pass; at T = 0 the trajectories are batch 1's
     (log-probs and fp16 features up to the rounding of batched verification)."""
-    rollout = replace(ROLLOUT, store_features=True)
+    rollout = replace(ROLLOUT, store_features=True, mode="sequential")
     one, many = ReplayBuffer(BufferConfig(topk=2)), ReplayBuffer(BufferConfig(topk=2))
     RolloutWorker(TARGET, DRAFT, rollout, 0, one).run(5)
     stats = RolloutWorker(TARGET, DRAFT, replace(rollout, batch_size=3), 0, many).run(5)
@@ -98,6 +98,49 @@ def test_batched_rollouts_equal_batch_one_trajectories():
         np.testing.assert_allclose(b.committed_logprobs, a.committed_logprobs, atol=1e-4)
         np.testing.assert_allclose(np.concatenate(b.draft_logprobs), np.concatenate(a.draft_logprobs), atol=1e-4)
         np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32), atol=2e-2)
+
+
+def rows_of(rollout: RolloutConfig, count: int) -> dict:
+    buffer = ReplayBuffer(BufferConfig(topk=2))
+    worker = RolloutWorker(TARGET, DRAFT, rollout, 0, buffer)
+    worker.run(count)
+    return worker, {t: buffer.get(t) for t in buffer.traj_ids()}
+
+
+def test_parallel_worker_trajectories_equal_sequential_ones_field_by_field():
+    """rollout.mode=parallel through the worker and the buffer; tests/test_parallel_rollout.py covers fitted drafts."""
+    rollout = replace(ROLLOUT, store_features=True)
+    assert rollout.parallel and not replace(rollout, temperature=0.7).parallel  # auto: parallel at T = 0 only
+    _, sequential = rows_of(replace(rollout, mode="sequential"), 4)
+    worker, parallel = rows_of(replace(rollout, mode="parallel", batch_size=3), 4)
+    assert len(sequential) == 4 and len(parallel) == 6  # run(n) rounds up to whole batches
+    for traj_id, a in sequential.items():
+        b = parallel[traj_id]
+        exact = ("input_ids", "prompt_len", "anchors", "draft_tokens", "accept_len", "topk_ids", "draft_version")
+        assert [getattr(b, f) for f in exact] == [getattr(a, f) for f in exact]
+        np.testing.assert_allclose(b.committed_logprobs, a.committed_logprobs, atol=1e-5)
+        np.testing.assert_allclose(np.concatenate(b.draft_logprobs), np.concatenate(a.draft_logprobs), atol=1e-5)
+        for x, y in zip(b.topk_logprobs, a.topk_logprobs):  # a step drafting nothing has no top-k
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+        np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32), atol=2e-2)
+    assert sorted(worker.text.known) == [f"gsm8k_train/{i}" for i in range(6)]  # whole text batches of 3
+
+
+def test_a_later_epoch_reuses_the_greedy_text():
+    worker = RolloutWorker(TARGET, DRAFT, replace(ROLLOUT, num_prompts=2), 0, None)
+    first = list(worker.rollouts(2))
+    texts = dict(worker.text.known)
+    worker.text.decode = None  # decoding again would fail
+    second = list(worker.rollouts(2))
+    assert [t.traj_id for t in second] == ["gsm8k_train/0@1", "gsm8k_train/1@1"]
+    assert [t.input_ids for t in second] == [t.input_ids for t in first] == [texts[t.prompt_id] for t in first]
+
+
+def test_parallel_mode_at_a_temperature_is_a_clear_error():
+    with pytest.raises(ValueError, match="rollout.mode=parallel needs rollout.temperature=0"):
+        replace(ROLLOUT, mode="parallel", temperature=1.0)
+    with pytest.raises(ValueError, match="rollout.mode='fast' is not one of auto, parallel, sequential"):
+        replace(ROLLOUT, mode="fast")
 
 
 def test_batch_size_below_one_is_a_clear_error():

@@ -1,12 +1,11 @@
 """Acceptance walked on the target's greedy text equals what speculative decoding records (tiny target)."""
 
 import pytest
-import torch
 
 from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
 from draft_opd.speculative.tau import tau_mean
-from draft_opd.speculative.text_tau import greedy_accept_lens, text_labels
-from tests.conftest import make_drafter
+from draft_opd.speculative.text_tau import greedy_accept_lens
+from tests.conftest import fit_to_text, make_drafter
 
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [250, 7]]
 
@@ -16,30 +15,11 @@ def references(target, max_new_tokens: int) -> list[DecodeResult]:
     return [generate(target, prompt, None, cfg) for prompt in PROMPTS]
 
 
-def fit_to(drafter, refs: list[DecodeResult], steps: int = 60) -> None:
-    """A few SFT steps on the references' own text, so that blocks are accepted partly, as a trained draft's."""
-    opt = torch.optim.Adam(drafter.parameters(), lr=3e-3)
-    width = drafter.cfg.block_size - 1
-    for _ in range(steps):
-        for ref in refs:
-            ids = torch.tensor(ref.tokens)
-            anchors = torch.arange(max(ref.prompt_len - 1, 1), len(ref.tokens) - 1)
-            labels, mask = text_labels(ids, anchors, width)
-            logits = drafter(ref.features.clone(), ids, anchors, labels[:, : width - 1])
-            loss = (
-                torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-                * mask.flatten()
-            ).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-
 @pytest.fixture(scope="module", params=["dflash", "eagle3"])
 def fitted(request, tiny_target):
     refs = references(tiny_target, 40)
     drafter = make_drafter(tiny_target, request.param, block_size=6)
-    fit_to(drafter, refs)
+    fit_to_text(drafter, refs)
     return drafter.eval(), refs
 
 
