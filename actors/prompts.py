@@ -50,10 +50,14 @@ class PromptPool:
                 "lower rollout.num_actors or add prompts"
             )
 
+    def at(self, position: int) -> tuple[int, Conversation]:
+        """(epoch, conversation) of the prompt at `position` of this shard's stream."""
+        epoch, i = divmod(position, len(self.indices))
+        return epoch, self.conversations[self.indices[i]]
+
     def peek(self) -> tuple[int, Conversation]:
         """(epoch, conversation) of the next prompt, without taking it."""
-        epoch, i = divmod(self.position, len(self.indices))
-        return epoch, self.conversations[self.indices[i]]
+        return self.at(self.position)
 
     def next(self) -> tuple[int, Conversation]:
         """(epoch, conversation) of the next prompt."""

@@ -89,6 +89,14 @@ def to_trajectory(result: DecodeResult, traj_id: str, prompt_id: str, draft_vers
     )
 
 
+def lost_positions(pool: PromptPool, end: int, held: set[str]) -> list[int]:
+    """Positions before `end` of an actor's prompt stream whose trajectories are gone although earlier ones are held:
+    the rows of a buffer segment skipped as corrupt. Rows before the first one held were evicted (FIFO), not lost."""
+    ids = [trajectory_id(*pool.at(p)) for p in range(end)]
+    first = next((p for p, t in enumerate(ids) if t in held), end)
+    return [p for p in range(first, end) if ids[p] not in held]
+
+
 def acceptance_by_position(accept_len: list[int], proposals: int) -> list[float]:
     """Share of verify steps whose draft token at block position j (1-based) was accepted."""
     if not accept_len:
@@ -119,6 +127,7 @@ class RolloutWorker:
         self.drafter = make_drafter(draft.or_random(), self.target)
         self.thinking = target.thinking
         self.version = 0
+        self.redo: list[int] = []  # stream positions to roll out again first (`restore`)
         self.pool = PromptPool(load_prompts(rollout.prompts, rollout.num_prompts), actor_index, rollout.num_actors)
         self.decode = DecodeConfig(
             max_new_tokens=rollout.max_new_tokens,
@@ -166,7 +175,8 @@ class RolloutWorker:
         """
         block, misses = block_size_of(self.drafter, self.decode), 0
         while count > 0:
-            request = Request.of(self.target.tokenizer, *self.pool.next(), self.thinking)
+            taken = self.pool.at(self.redo.pop(0)) if self.redo else self.pool.next()
+            request = Request.of(self.target.tokenizer, *taken, self.thinking)
             if not fits_context(
                 self.target, request, self.cfg.max_new_tokens, block, self.actor_id, "rollout.max_new_tokens"
             ):
@@ -235,12 +245,14 @@ class RolloutWorker:
         return self.version
 
     def restore(self, position: int, present: list[str]) -> int:
-        """Continue the prompt stream at `position`, past prompts whose trajectories are in `present`.
+        """Continue the prompt stream at `position`, past prompts whose trajectories are in `present`, after
+        rolling out again the prompts whose rows were lost (`lost_positions`).
 
         After a restart the buffer may already hold trajectories rolled out after the checkpoint
         that recorded `position`; skipping those means no prompt is repeated and none skipped.
         """
         held = set(present)
+        self.redo = lost_positions(self.pool, position, held)
         self.pool.position = position
         while trajectory_id(*self.pool.peek()) in held:
             self.pool.position += 1

@@ -86,3 +86,28 @@ def test_sampling_is_refused(tiny_target, fitted):
     drafter, texts = fitted
     with pytest.raises(ValueError, match="rollout.mode=sequential"):
         rollout_on_text(tiny_target, drafter, texts[0].tokens, texts[0].prompt_len, DecodeConfig(temperature=1.0))
+
+
+@pytest.mark.slow
+def test_parallel_rollouts_equal_sequential_ones_on_smol_with_the_shipped_draft():
+    from pathlib import Path
+
+    from draft_opd.actors.requests import Request
+    from draft_opd.prompts.sets import load_benchmark
+    from draft_opd.speculative.loading import DraftSpec, make_drafter
+    from draft_opd.speculative.target import TargetConfig, load_target
+    from draft_opd.speculative.testbeds import prepare_smol
+
+    shipped = Path(__file__).parents[1] / "models" / "smol-dflash"
+    prepare_smol()
+    target = load_target(TargetConfig(testbed="smol"))
+    drafter = make_drafter(DraftSpec(path=str(shipped)), target)
+    cfg = DecodeConfig(max_new_tokens=48, topk_logprobs=2, keep_features=True)
+    accept_lens = []
+    for conv in load_benchmark("gsm8k", None, 3):
+        prompt = Request.of(target.tokenizer, 0, conv, True).prompt
+        sequential = generate(target, prompt, drafter, cfg)
+        text = generate(target, prompt, None, DecodeConfig(max_new_tokens=48)).tokens
+        assert_same_result(rollout_on_text(target, drafter, text, len(prompt), cfg), sequential)
+        accept_lens += [s.accept_len for s in sequential.steps]
+    assert max(accept_lens) >= 2  # a trained draft: blocks accepted in part

@@ -143,6 +143,15 @@ def test_parallel_mode_at_a_temperature_is_a_clear_error():
         replace(ROLLOUT, mode="fast")
 
 
+def test_a_restored_worker_rolls_out_again_the_prompts_of_lost_rows_first():
+    """A corrupt segment's rows are gone after a restart while later rows are held: those prompts are redone;
+    rows before the first one held were evicted (FIFO) and are not."""
+    held = [f"gsm8k_train/{i}@0" for i in (1, 2, 4, 5)]  # 0 evicted, 3 lost, 5 rolled out after the checkpoint
+    worker = RolloutWorker(TARGET, DRAFT, ROLLOUT, 0, None)
+    assert worker.restore(5, held) == 6 and worker.redo == [3]
+    assert [t.traj_id for t in worker.rollouts(2)] == ["gsm8k_train/3@0", "gsm8k_train/0@1"]
+
+
 def test_batch_size_below_one_is_a_clear_error():
     with pytest.raises(ValueError, match="rollout.batch_size must be >= 1"):
         RolloutWorker(TARGET, DRAFT, replace(ROLLOUT, batch_size=0))
