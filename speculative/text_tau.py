@@ -122,16 +122,3 @@ def greedy_walk(
         walk.accept_lens.append(accepted)
         anchor += accepted + 1
     return walk
-
-
-def greedy_accept_lens(
-    drafter: Drafter,
-    features: torch.Tensor,
-    tokens: list[int],
-    prompt_len: int,
-    max_new_tokens: int,
-    stop_ids: list[int],
-    chunk: int = 32,
-) -> list[int]:
-    """The accept lengths `generate(target, prompt, drafter)` records at T = 0 (`greedy_walk`)."""
-    return greedy_walk(drafter, features, tokens, prompt_len, max_new_tokens, stop_ids, chunk).accept_lens

@@ -22,7 +22,7 @@ from draft_opd.speculative.drafter import Drafter
 from draft_opd.speculative.loading import make_drafter
 from draft_opd.speculative.target import Target, load_target
 from draft_opd.speculative.tau import tau_mean, tau_pooled
-from draft_opd.speculative.text_tau import greedy_accept_lens
+from draft_opd.speculative.text_tau import greedy_walk
 
 
 @dataclass
@@ -53,7 +53,8 @@ def reference_texts(
 
 def text_tau(drafter: Drafter, refs: list[Reference], max_new_tokens: int, stop_ids: list[int]) -> dict:
     """tau_mean and tau_pooled (`speculative.tau`) of `drafter` over the reference texts."""
-    lens = [greedy_accept_lens(drafter, r.features, r.tokens, r.prompt_len, max_new_tokens, stop_ids) for r in refs]
+    walks = [greedy_walk(drafter, r.features, r.tokens, r.prompt_len, max_new_tokens, stop_ids) for r in refs]
+    lens = [walk.accept_lens for walk in walks]
     return {"tau_mean": tau_mean(lens), "tau_pooled": tau_pooled(lens), "prompts": len(refs)}
 
 

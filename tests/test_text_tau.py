@@ -4,7 +4,7 @@ import pytest
 
 from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
 from draft_opd.speculative.tau import tau_mean
-from draft_opd.speculative.text_tau import greedy_accept_lens
+from draft_opd.speculative.text_tau import greedy_walk
 from tests.conftest import fit_to_text, make_drafter
 
 PROMPTS = [[5, 17, 99, 3], list(range(40, 71)), [250, 7]]
@@ -31,7 +31,7 @@ def test_accept_lens_on_the_text_are_those_decoding_records(tiny_target, fitted,
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_token_ids=[])
         spec = generate(tiny_target, prompt, drafter, cfg)
         spec_lens.append([s.accept_len for s in spec.steps])
-        text_lens.append(greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, max_new_tokens, []))
+        text_lens.append(greedy_walk(drafter, ref.features, ref.tokens, ref.prompt_len, max_new_tokens, []).accept_lens)
     assert text_lens == spec_lens
     assert max(max(lens) for lens in spec_lens) >= 2  # the fitted draft is accepted in part: a real comparison
     assert tau_mean(text_lens) == tau_mean(spec_lens)
@@ -44,7 +44,7 @@ def test_a_stop_token_ends_the_walk_where_decoding_ends(tiny_target, fitted):
     cfg = DecodeConfig(max_new_tokens=40, stop_token_ids=[stop])
     spec = generate(tiny_target, prompt, drafter, cfg)
     assert spec.stopped and spec.num_new_tokens < 40
-    walked = greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, 40, [stop])
+    walked = greedy_walk(drafter, ref.features, ref.tokens, ref.prompt_len, 40, [stop]).accept_lens
     assert walked == [s.accept_len for s in spec.steps]
 
 
@@ -52,4 +52,4 @@ def test_a_reference_shorter_than_max_new_tokens_is_refused(tiny_target, fitted)
     drafter, refs = fitted
     ref = refs[0]
     with pytest.raises(ValueError, match="generate it with at least that many new tokens"):
-        greedy_accept_lens(drafter, ref.features, ref.tokens, ref.prompt_len, 64, [])
+        greedy_walk(drafter, ref.features, ref.tokens, ref.prompt_len, 64, [])
