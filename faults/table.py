@@ -11,8 +11,8 @@ skipped segment), recovered (the job finished every step and saved its draft), s
 steps done twice because they came after the checkpoint resumed from), trajectories lost (rows that
 had reached the buffer's files when the fault struck and were not loaded afterwards: the open
 segment of a killed job, a corrupt segment), prompts missing (prompts of the stream, before the
-furthest one in the final buffer, that it lacks: 0 means the rows lost to a kill were rolled out
-again; a corrupt segment's prompts are not, the stream has moved past them).
+furthest one in the final buffer, that it lacks: 0 means the rows lost to a kill or a corrupt segment
+were rolled out again).
 
     python -m draft_opd.faults.table [--out runs/bench-faults.json]
 """

@@ -99,6 +99,8 @@ def test_parallel_rollouts_equal_sequential_ones_on_smol_with_the_shipped_draft(
     from draft_opd.speculative.testbeds import prepare_smol
 
     shipped = Path(__file__).parents[1] / "models" / "smol-dflash"
+    if not (shipped / "model.safetensors").exists():
+        pytest.skip("no shipped draft yet: `make curve` ships models/smol-dflash")
     prepare_smol()
     target = load_target(TargetConfig(testbed="smol"))
     drafter = make_drafter(DraftSpec(path=str(shipped)), target)
