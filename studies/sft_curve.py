@@ -71,9 +71,10 @@ CURVE_PROMPTS, CURVE_TOKENS = 50, 128  # held-out GSM8K test prompts x new token
 SHIPPED = Path("models/smol-dflash")  # the draft the repository ships: replaced only by a better one
 
 
-def ship(run: RunDir, points: list[dict], command: str, out: Path = SHIPPED) -> bool:
-    """Copy the run's final draft into `out` in bf16, with its training config and a card, if its held-out tau
-    beats the one `out` holds (or `out` holds none); True if it did."""
+def ship(run: RunDir, points: list[dict], command: str, out: Path | None = None) -> bool:
+    """Copy the run's final draft into `out` (default SHIPPED) in bf16, with its training config and a card, if its
+    held-out tau beats the one `out` holds (or `out` holds none); True if it did."""
+    out = out or SHIPPED
     final = points[-1]
     card = out / "card.json"
     if card.exists() and json.loads(card.read_text())["held_out_tau"] >= final["eval_tau"]:

@@ -91,9 +91,10 @@ TINY_EVALS = [
 
 
 @pytest.mark.slow
-def test_study_runs_its_arms_from_both_starts_and_a_rerun_answers_from_disk(tmp_path):
+def test_study_runs_its_arms_from_both_starts_and_a_rerun_answers_from_disk(tmp_path, monkeypatch):
     """make curve then make study at tiny sizes: the early start is the curve's checkpoint draft, every arm trains
     and is evaluated, the table lists them, and a second study call trains nothing (everything is on disk)."""
+    monkeypatch.setattr(study_sft_curve, "SHIPPED", tmp_path / "shipped")  # never the repository's models/
     try:
         run_curve_then_study(tmp_path)
     finally:
