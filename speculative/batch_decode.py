@@ -2,7 +2,8 @@
 
 Rollouts need throughput, not latency, and the target's verify forward is their cost. Each row keeps
 its own drafter state and sampler and goes through the same steps as `generate` (`start_row`,
-`draft_block`, `commit_block`, `finish_row`); only the verify forward runs over all rows at once.
+`draft_block`, `commit_block`, `finish_row`); the verify forward runs over all rows at once, and so do
+the drafter's proposals where the drafter can share work across rows (`draft_blocks`).
 
 The rows share one KV cache in which slot s of a row holds its position s. A step appends a padded
 block after the longest row; an explicit mask lets each row see its own prefix and, causally, its own
@@ -28,7 +29,7 @@ from draft_opd.speculative.decode import (
     Row,
     block_size_of,
     commit_block,
-    draft_block,
+    draft_blocks,
     finish_row,
     start_row,
 )
@@ -133,10 +134,9 @@ def generate_batch(
         if any(complete(item.row) for item in live):
             continue
         finishing = [item.row.done(cfg) for item in live]
-        blocks = [
-            (item.row.anchor.new_empty(0), None) if end else draft_block(item.row, drafter, cfg)
-            for item, end in zip(live, finishing)
-        ]
+        drafting = [item.row for item, end in zip(live, finishing) if not end]
+        drafted = iter(draft_blocks(drafting, drafter, cfg))
+        blocks = [(item.row.anchor.new_empty(0), None) if end else next(drafted) for item, end in zip(live, finishing)]
         width = 1 + max(draft.shape[0] for draft, _ in blocks)
         ids = torch.zeros(len(live), width, dtype=torch.long, device=target.device)
         for r, (item, (draft, _)) in enumerate(zip(live, blocks)):

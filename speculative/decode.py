@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from draft_opd.speculative.drafter import Drafter, DraftState
+from draft_opd.speculative.drafter import Drafter, DraftState, ProposeRequest
 from draft_opd.speculative.target import Target, crop_cache
 from draft_opd.speculative.verify import sampling_probs, verify_greedy, verify_sampling
 
@@ -196,10 +196,24 @@ def start_row(
 
 def draft_block(row: Row, drafter: Drafter | None, cfg: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The row's proposals after its anchor (none with block size 1 or at the length limit) and their logits."""
-    n = min(block_size_of(drafter, cfg) - 1, cfg.max_new_tokens - row.result.num_new_tokens - 1)
-    if n > 0:
-        return drafter.propose(row.state, row.anchor, row.anchor_pos, n, row.pick)
-    return row.anchor.new_empty(0), None
+    return draft_blocks([row], drafter, cfg)[0]
+
+
+def draft_blocks(
+    rows: list[Row], drafter: Drafter | None, cfg: DecodeConfig
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`draft_block` for each row, drafted together (`Drafter.propose_rows`): a batched rollout's rows share
+    the drafter's work where the drafter allows it."""
+    sizes = [min(block_size_of(drafter, cfg) - 1, cfg.max_new_tokens - row.result.num_new_tokens - 1) for row in rows]
+    drafting = [i for i, n in enumerate(sizes) if n > 0]
+    blocks: list[tuple[torch.Tensor, torch.Tensor | None]] = [(row.anchor.new_empty(0), None) for row in rows]
+    if drafting:
+        requests = [
+            ProposeRequest(rows[i].state, rows[i].anchor, rows[i].anchor_pos, sizes[i], rows[i].pick) for i in drafting
+        ]
+        for i, block in zip(drafting, drafter.propose_rows(requests)):
+            blocks[i] = block
+    return blocks
 
 
 def commit_block(

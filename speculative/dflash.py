@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from draft_opd.speculative.drafter import Drafter, DrafterConfig, DraftState, Pick
+from draft_opd.speculative.drafter import Drafter, DrafterConfig, DraftState, Pick, ProposeRequest
 from draft_opd.speculative.layers import KVCache, SwiGLU, apply_rotary, attend, rotary_cos_sin
 
 
@@ -93,18 +93,30 @@ class DFlashDrafter(Drafter):
             x = layer(x, context, cos, sin, cache, i, mask)
         return self.norm(x)
 
-    @torch.inference_mode()
-    def propose(
-        self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def proposal_hidden(self, state: DraftState, anchor: torch.Tensor, position: int, n: int) -> torch.Tensor:
+        """Normalised hidden states [n, H] of the n proposals after `anchor`; consumes the pending features."""
         feats, _, start = state.take_pending(position)
         mask_id = torch.full((n,), self.cfg.mask_token_id, dtype=anchor.dtype, device=anchor.device)
         block = torch.cat([anchor.view(1), mask_id])
         positions = torch.arange(start, position + n + 1, device=anchor.device)
         hidden = self.block_hidden(block, self.fuse(feats), positions, state.cache)
         state.cache.crop(position)
-        logits = self.target_logits(hidden[1:]).float()
+        return hidden[1:]
+
+    @torch.inference_mode()
+    def propose(
+        self, state: DraftState, anchor: torch.Tensor, position: int, n: int, pick: Pick
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.target_logits(self.proposal_hidden(state, anchor, position, n)).float()
         return pick(logits), logits
+
+    @torch.inference_mode()
+    def propose_rows(self, requests: list[ProposeRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A block's proposals read only the context, so the rows share one pass of the LM head: with few rows
+        per call its GEMM is far from peak on CPU (docs/results/benchmarks.md#rollout)."""
+        hidden = [self.proposal_hidden(r.state, r.anchor, r.position, r.n) for r in requests]
+        logits = self.target_logits(torch.cat(hidden)).float().split([h.shape[0] for h in hidden])
+        return [(r.pick(x), x) for r, x in zip(requests, logits)]
 
     def forward(
         self,

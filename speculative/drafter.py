@@ -2,7 +2,8 @@
 
 The decode loop drives a drafter through three calls:
 - `begin(features, tokens)` after prefill: the target features of the prompt;
-- `propose(state, anchor, position, n, pick)`: n proposals after the last committed token;
+- `propose(state, anchor, position, n, pick)`: n proposals after the last committed token
+  (`propose_rows` for the rows of a batched rollout at once);
 - `extend(state, features, tokens, start)` after verification: the committed tokens' features.
 Features of a position are consumed lazily by the next `propose`, so a verify pass feeds the
 drafter without any extra target work.
@@ -102,6 +103,17 @@ class DraftState:
         return feats, toks, start
 
 
+@dataclass
+class ProposeRequest:
+    """One row's `propose` arguments, for `Drafter.propose_rows`."""
+
+    state: DraftState
+    anchor: torch.Tensor
+    position: int
+    n: int
+    pick: Pick
+
+
 class Drafter(nn.Module):
     """Base class. Shared target weights are held outside the module tree: never saved or trained."""
 
@@ -135,6 +147,11 @@ class Drafter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return n draft tokens after `anchor` (at `position`) and their logits [n, V]."""
         raise NotImplementedError
+
+    def propose_rows(self, requests: list[ProposeRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`propose` for each request, in order (each row's `pick` is called once, as `propose` calls it).
+        A drafter whose proposals need no earlier pick of their row overrides this to share the work."""
+        return [self.propose(r.state, r.anchor, r.position, r.n, r.pick) for r in requests]
 
     def forward(
         self,

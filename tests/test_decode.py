@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from draft_opd.speculative.decode import DecodeConfig, DecodeResult, generate
+from draft_opd.speculative.drafter import Drafter
 from tests.conftest import make_drafter
 
 
@@ -39,6 +40,8 @@ class PartlyRightDrafter:
         draft = draft.clone()
         draft[: min(right, truth.numel())] = truth[:right]
         return draft, logits
+
+    propose_rows = Drafter.propose_rows  # one propose per row, so every row's proposals are forced as alone
 
 
 def prompt_of(length: int, seed: int) -> list[int]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from draft_opd.speculative.decode import DecodeConfig, generate
-from draft_opd.speculative.drafter import DrafterConfig, default_layer_ids
+from draft_opd.speculative.drafter import DrafterConfig, ProposeRequest, default_layer_ids
 from draft_opd.speculative.loading import build_drafter, load_drafter
 from tests.conftest import make_drafter
 
@@ -70,3 +70,32 @@ def test_drafter_for_another_target_is_refused(tiny_target, tmp_path):
     other = Target(tiny_model(hidden_size=32, head_dim=8), None, [0, 1, 2])
     with pytest.raises(ValueError, match="built for a target with hidden 64"):
         load_drafter(tmp_path, other)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+def test_rows_drafted_together_equal_rows_drafted_alone(tiny_target, kind):
+    """propose_rows (one LM-head pass over every row for DFlash) gives each row what propose gives it alone:
+    the same tokens, logits to fp32 rounding, and drafter states that continue identically."""
+    drafter = make_drafter(tiny_target, kind, 8, seed=5)
+    prompts = [list(range(40, 60)), list(range(70, 83)), list(range(90, 121))]
+    widths = [7, 3, 5]  # blocks cut short by max_new_tokens propose fewer
+
+    def states():
+        return [drafter.begin(tiny_target.forward(torch.tensor(p), 0, None).features, torch.tensor(p)) for p in prompts]
+
+    pick = lambda x: x.argmax(-1)  # noqa: E731
+    alone_states, together_states = states(), states()
+    alone = [
+        drafter.propose(s, torch.tensor(7 + i), len(p), n, pick)
+        for i, (s, p, n) in enumerate(zip(alone_states, prompts, widths))
+    ]
+    requests = [
+        ProposeRequest(s, torch.tensor(7 + i), len(p), n, pick)
+        for i, (s, p, n) in enumerate(zip(together_states, prompts, widths))
+    ]
+    together = drafter.propose_rows(requests)
+    for (tokens_a, logits_a), (tokens_t, logits_t), n in zip(alone, together, widths):
+        assert tokens_a.shape == (n,) and torch.equal(tokens_a, tokens_t)
+        torch.testing.assert_close(logits_t, logits_a, rtol=1e-5, atol=1e-5)
+    for a, t in zip(alone_states, together_states):
+        assert a.pending_start == t.pending_start and len(a.cache) == len(t.cache)
