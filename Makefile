@@ -12,8 +12,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@echo "installing into $(VENV) (a few minutes, once; pip's output goes to $(VENV)/install.log)"
+	@( $(BIN)/pip install -q --upgrade pip && $(BIN)/pip install -q -c constraints.txt -e '.[dev]' ) \
+		> $(VENV)/install.log 2>&1 || { tail -30 $(VENV)/install.log; echo "setup failed: $(VENV)/install.log"; exit 1; }
 	touch $(STAMP)
 
 test: setup lint
