@@ -65,25 +65,27 @@ def step_drafts(walk: TextWalk) -> list[list[int]]:
 
 
 @torch.no_grad()
-def off_text_logprobs(
-    target: Target, cache, text_len: int, walk: TextWalk, drafts: list[list[int]]
-) -> dict[tuple[int, int], torch.Tensor]:
-    """{(step, j): the target's log-probs [V] after block position j} for the positions past a block's first
-    mismatch, in one pass over all of them on top of the text's cache (which they are appended to)."""
+def continuation_logits(
+    target: Target, cache, text_len: int, anchors: list[int], firsts: list[int], blocks: list[list[int]]
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """The target's logits after block positions j > firsts[i] of blocks[i] drafted at anchors[i], in one pass
+    on top of the text's cache (which they are appended to): input blocks[i][j-1] at position anchors[i] + j,
+    attending to the text up to anchors[i] + firsts[i] (the block's prefix, all text) and to the block's own
+    earlier inputs (a 4D mask). Returns the (i, j) keys and their logits [len(keys), V]."""
     ids, positions, sees, keys = [], [], [], []
-    for step, (anchor, accepted, draft) in enumerate(zip(walk.anchors, walk.accept_lens, drafts)):
-        for j in range(accepted + 1, len(draft)):
-            ids.append(draft[j - 1])
+    for i, (anchor, first, block) in enumerate(zip(anchors, firsts, blocks)):
+        for j in range(first + 1, len(block)):
+            ids.append(block[j - 1])
             positions.append(anchor + j)
-            sees.append(anchor + accepted)  # the last text position the block's prefix holds
-            keys.append((step, j))
+            sees.append(anchor + first)
+            keys.append((i, j))
     if not keys:
-        return {}
+        return [], torch.empty(0, target.vocab_size)
     m = len(keys)
-    first_of_block = torch.tensor([j == walk.accept_lens[s] + 1 for s, j in keys])
-    block = torch.cumsum(first_of_block.long(), 0)
+    first_of_block = torch.tensor([j == firsts[i] + 1 for i, j in keys])
+    block_of = torch.cumsum(first_of_block.long(), 0)
     text_visible = torch.arange(text_len)[None, :] <= torch.tensor(sees)[:, None]
-    own_visible = (block[:, None] == block[None, :]) & torch.tril(torch.ones(m, m, dtype=torch.bool))
+    own_visible = (block_of[:, None] == block_of[None, :]) & torch.tril(torch.ones(m, m, dtype=torch.bool))
     visible = torch.cat([text_visible, own_visible], dim=1)[None, None]
     out = target.forward_batch(
         torch.tensor([ids], device=target.device),
@@ -92,8 +94,16 @@ def off_text_logprobs(
         visible.to(target.device),
         with_features=False,
     )
-    logp = torch.log_softmax(out.logits[0], dim=-1)
-    return dict(zip(keys, logp))
+    return keys, out.logits[0]
+
+
+def off_text_logprobs(
+    target: Target, cache, text_len: int, walk: TextWalk, drafts: list[list[int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """{(step, j): the target's log-probs [V] after block position j} for the positions past a block's first
+    mismatch: their inputs are proposals, not text."""
+    keys, logits = continuation_logits(target, cache, text_len, walk.anchors, walk.accept_lens, drafts)
+    return dict(zip(keys, torch.log_softmax(logits, dim=-1)))
 
 
 def step_records(
