@@ -22,6 +22,7 @@ from draft_opd.actors.rollout import RolloutConfig
 from draft_opd.buffer import BufferConfig, ReplayBuffer, holds_sealed_segments
 from draft_opd.learner.engine import LearnerConfig, deepspeed_config
 from draft_opd.learner.objective import ObjectiveConfig
+from draft_opd.learner.presets import preset_overrides
 from draft_opd.prompts.sets import benchmark_names
 from draft_opd.speculative.loading import DraftSpec
 from draft_opd.speculative.target import TargetConfig
@@ -172,6 +173,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         layers.append(OmegaConf.from_dotlist(_normalise(list(overrides))))
         merged = OmegaConf.merge(*layers)
+        if merged.objective.preset is not None:  # above the YAML, below the command line
+            preset = preset_overrides(merged.objective.preset, merged.draft.kind, merged.rollout.temperature)
+            merged = OmegaConf.merge(*layers[:-1], OmegaConf.from_dotlist(preset), layers[-1])
         cfg = OmegaConf.to_object(merged)
         check_sections(cfg)
     except ConfigKeyError as err:

@@ -24,6 +24,7 @@ from draft_opd.learner.losses import (
     topk_forward_kl,
     topk_total_variation,
 )
+from draft_opd.learner.presets import PRESET_NAMES
 from draft_opd.learner.replay import (
     FeatureSource,
     drafter_of,
@@ -59,8 +60,13 @@ class ObjectiveConfig:
     # where OPD replays blocks: rollout (the anchors the rollout drafted at) or random (an ablation: random anchors
     # in the rollouts' text, the response stream only; see learner.replay.replay_random_anchors)
     opd_anchors: str = "rollout"
+    # a named objective (learner.presets: paper, greedy-anchors-only, topk, ...) or auto, the winner for draft.kind
+    # at rollout.temperature; applied at config load, above the YAML file and below the command line
+    preset: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESET_NAMES:
+            raise ValueError(f"unknown objective.preset {self.preset!r}; use one of {', '.join(PRESET_NAMES)}")
         if self.rejected_weight < 0 or self.sft_mix < 0:
             raise ValueError(
                 f"objective.rejected_weight and objective.sft_mix must be >= 0 "

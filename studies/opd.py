@@ -32,6 +32,7 @@ from draft_opd.launch.config import load_config
 from draft_opd.launch.eval import run_eval
 from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
 from draft_opd.launch.train import train
+from draft_opd.learner.presets import PRESETS
 from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
 STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
@@ -49,24 +50,10 @@ COMMON = [
     "train.stage_timeout_s=3600",
     "resume=auto",
 ]
-ARMS = {  # name: (phase, overrides); OPD arms run the paper's defaults (forward KL + k3, decay 0.8) but for these
+ARMS = {  # name: (phase, overrides); the OPD arms are the objective presets (learner.presets), the paper's first
     "sft": ("sft", ["objective.sft_anchors_per_row=16"]),  # continued SFT on the start draft's own corpus
-    "opd": ("opd", []),
-    "opd-anchors-only": ("opd", ["objective.rejected_weight=0"]),
-    "opd-decay1": ("opd", ["objective.opd_decay=1.0"]),
-    "opd-topk": ("opd", ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]),
-    # the response stream's exact forward KL alone: top-k's best term without the rejected stream's TV
-    "opd-topk-anchors-only": (
-        "opd",
-        ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20", "objective.rejected_weight=0"],
-    ),
-    "opd-mixed": ("opd", ["objective.sft_mix=1.0"]),
-    # random anchors in the rollouts' text instead of the rollout's own; the response stream only, so it
-    # compares with opd-anchors-only
-    "opd-random-anchors": ("opd", ["objective.opd_anchors=random"]),
-    # beyond the paper: the response stream's forward KL to the one-hot greedy target, which T = 0 accepts against
-    "opd-greedy": ("opd", ["objective.response_kl=greedy"]),
-    "opd-greedy-anchors-only": ("opd", ["objective.response_kl=greedy", "objective.rejected_weight=0"]),
+    "opd": ("opd", ["objective.preset=paper"]),
+    **{f"opd-{name}": ("opd", [f"objective.preset={name}"]) for name in PRESETS if name != "paper"},
 }
 TEXT = ("gsm8k", "humaneval")  # benchmarks of the final drafts' text-walked tau; checkpoints get the first
 

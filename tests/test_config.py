@@ -79,3 +79,38 @@ def test_qwen3_configs_start_opd_from_the_published_draft_as_the_reference_scrip
     assert cfg.learner.lr_schedule == "cosine" and cfg.learner.total_steps == cfg.train.opd_steps
     assert deepspeed_config(cfg.learner)["scheduler"]["type"] == "WarmupCosineLR"
     assert deepspeed_config(load_config("configs/tiny.yaml").learner)["scheduler"]["type"] == "WarmupLR"
+
+
+@pytest.mark.parametrize(
+    "kind, temperature, expect",
+    [
+        ("dflash", 0.0, {"response_kl": "greedy", "rejected_weight": 0.0, "opd_variant": "k3"}),
+        ("dflash", 1.0, {"response_kl": "bernoulli", "rejected_weight": 1.0, "opd_variant": "topk"}),
+        ("eagle3", 0.0, {"response_kl": "greedy", "rejected_weight": 0.0, "opd_variant": "k3"}),
+        ("eagle3", 0.7, {"response_kl": "bernoulli", "rejected_weight": 1.0, "opd_variant": "topk"}),
+    ],
+)
+def test_auto_preset_picks_the_objective_of_the_drafter_and_serving_temperature(kind, temperature, expect):
+    cfg = load_config(
+        "configs/tiny.yaml",
+        ["objective.preset=auto", f"draft.kind={kind}", f"rollout.temperature={temperature}"],
+    )
+    assert {k: getattr(cfg.objective, k) for k in expect} == expect
+    topk = 20 if expect["opd_variant"] == "topk" else 0  # top-k OPD makes the rollouts record the target's top-k
+    assert (cfg.rollout.topk_logprobs, cfg.buffer.topk) == (topk, topk)
+
+
+def test_a_preset_sits_above_the_yaml_file_and_below_the_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        Path("configs/tiny.yaml").read_text() + "\nobjective:\n  rejected_weight: 0.5\n  preset: topk-anchors-only\n"
+    )
+    cfg = load_config(config)
+    assert (cfg.objective.rejected_weight, cfg.objective.opd_variant, cfg.rollout.topk_logprobs) == (0.0, "topk", 20)
+    cfg = load_config(config, ["rollout.topk_logprobs=8", "buffer.topk=8"])
+    assert (cfg.rollout.topk_logprobs, cfg.buffer.topk, cfg.objective.rejected_weight) == (8, 8, 0.0)
+
+
+def test_an_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="unknown objective.preset 'greedy-only'.*auto, paper, anchors-only"):
+        load_config("configs/tiny.yaml", ["objective.preset=greedy-only"])
