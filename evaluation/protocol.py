@@ -4,14 +4,15 @@ Batch 1. Each turn is decoded twice through the same loop: block size 1 (plain a
 the baseline) and the drafter's block. Speedup = mean TPOT(plain) / mean TPOT(spec), with time
 per output token excluding prefill. tau is reported two ways: the mean over turns of each
 turn's mean (DFlash) and total committed tokens / total verify steps (SpecForge). MT-Bench
-turns build on the earlier turns and the target's own answers.
+turns build on the earlier turns and the target's own answers. At T > 0 each conversation is decoded at
+several sampling seeds, and tau_mean carries a 95 % interval over turns and seeds.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from draft_opd.prompts.chat import render_first_turn, render_prompt
 from draft_opd.prompts.sets import Conversation
@@ -25,13 +26,14 @@ from draft_opd.speculative.decode import (
 )
 from draft_opd.speculative.drafter import Drafter
 from draft_opd.speculative.target import Target
-from draft_opd.speculative.tau import tau_mean, tau_pooled
+from draft_opd.speculative.tau import tau_interval, tau_mean, tau_pooled
 
 
 @dataclass
 class TurnResult:
     conversation: str
     turn: int
+    seed: int
     prompt_tokens: int
     new_tokens: int
     lossless: bool
@@ -52,6 +54,7 @@ class BenchmarkSummary:
     new_tokens: int
     tau_mean: float | None
     tau_pooled: float | None
+    tau_ci95: float | None  # half width of tau_mean's 95 % interval over turns (and sampling seeds)
     speedup: float | None
     tokens_per_s_spec: float | None
     tokens_per_s_plain: float
@@ -73,6 +76,7 @@ def summarize(benchmark: str, prompts: int, turns: list[TurnResult]) -> Benchmar
         new_tokens=sum(t.new_tokens for t in turns),
         tau_mean=tau_mean(accept_lens),
         tau_pooled=tau_pooled(accept_lens),
+        tau_ci95=tau_interval(accept_lens),
         speedup=plain_tpot / spec_tpot if spec_tpot else None,
         tokens_per_s_spec=1.0 / spec_tpot if spec_tpot else None,
         tokens_per_s_plain=1.0 / plain_tpot if turns else float("nan"),
@@ -126,6 +130,7 @@ def run_conversation(
             TurnResult(
                 conversation=conv.id,
                 turn=i,
+                seed=cfg.seed,
                 prompt_tokens=len(prompt),
                 new_tokens=plain.num_new_tokens,
                 lossless=lossless,
@@ -147,11 +152,14 @@ def run_benchmark(
     cfg: DecodeConfig,
     thinking: bool,
     on_turn: Callable[[TurnResult], None] | None = None,
+    seeds: int = 1,
 ) -> tuple[BenchmarkSummary, list[TurnResult]]:
+    """Every conversation at sampling seeds cfg.seed .. cfg.seed + seeds - 1 (one seed at T = 0: greedy)."""
     turns: list[TurnResult] = []
-    for conv in conversations:
-        for result in run_conversation(target, drafter, conv, cfg, thinking):
-            turns.append(result)
-            if on_turn:
-                on_turn(result)
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        for conv in conversations:
+            for result in run_conversation(target, drafter, conv, replace(cfg, seed=seed), thinking):
+                turns.append(result)
+                if on_turn:
+                    on_turn(result)
     return summarize(name, len(conversations), turns), turns

@@ -46,11 +46,17 @@ class EvalSection:
     num_prompts: int = 8
     max_new_tokens: int = 256
     temperature: float = 0.0
+    seeds: int = 1  # sampling seeds per prompt at T > 0 (draft.seed onwards); tau gets a 95 % interval over both
     warmup_tokens: int = 16  # one short untimed decode first, so lazy init does not count
     out: str | None = None  # JSON report path
 
     def __post_init__(self) -> None:
-        at_least("eval", self, num_prompts=1, max_new_tokens=1, temperature=0, warmup_tokens=0)
+        at_least("eval", self, num_prompts=1, max_new_tokens=1, temperature=0, seeds=1, warmup_tokens=0)
+        if self.seeds > 1 and self.temperature == 0:
+            raise ValueError(
+                f"eval.seeds={self.seeds} with eval.temperature=0: greedy decoding gives the same text at every "
+                "seed; set eval.temperature > 0 (e.g. 1.0) or eval.seeds=1"
+            )
 
 
 @dataclass

@@ -29,13 +29,15 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def summary_table(summaries: list[BenchmarkSummary], title: str) -> Table:
     table = Table(title=title)
-    for col in ("benchmark", "prompts", "tau mean", "tau pooled", "speedup", "tok/s spec", "tok/s plain", "lossless"):
+    columns = ("benchmark", "prompts", "tau mean", "95% +-", "tau pooled", "speedup", "tok/s spec", "tok/s plain")
+    for col in (*columns, "lossless"):
         table.add_column(col, justify="left" if col == "benchmark" else "right")
     for s in summaries:
         table.add_row(
             s.benchmark,
             str(s.prompts),
             _fmt(s.tau_mean, ".2f"),
+            _fmt(s.tau_ci95, ".2f"),
             _fmt(s.tau_pooled, ".2f"),
             _fmt(s.speedup, ".2f") + ("x" if s.speedup else ""),
             _fmt(s.tokens_per_s_spec, ".1f"),
@@ -63,7 +65,7 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
 
     summaries: list[BenchmarkSummary] = []
     turns: dict[str, list[TurnResult]] = {}
-    total = sum(len(c.turns) for convs in sets.values() for c in convs)
+    total = cfg.eval.seeds * sum(len(c.turns) for convs in sets.values() for c in convs)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -82,11 +84,15 @@ def run_eval(cfg: Config, console: Console | None = None) -> list[BenchmarkSumma
                 tau = f"tau {pooled:.2f}" if pooled else "plain"
                 progress.update(task, advance=1, status=f"{name}: {tau}, {result.new_tokens} tok")
 
-            summary, turns[name] = run_benchmark(target, drafter, name, convs, decode, cfg.target.thinking, on_turn)
+            summary, turns[name] = run_benchmark(
+                target, drafter, name, convs, decode, cfg.target.thinking, on_turn, cfg.eval.seeds
+            )
             summaries.append(summary)
     Console(width=140).print(
         summary_table(
-            summaries, f"{cfg.name}: {label}, T={cfg.eval.temperature}, max_new_tokens={cfg.eval.max_new_tokens}"
+            summaries,
+            f"{cfg.name}: {label}, T={cfg.eval.temperature} x {cfg.eval.seeds} seeds, "
+            f"max_new_tokens={cfg.eval.max_new_tokens}",
         )
     )
     if cfg.eval.out:

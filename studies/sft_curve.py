@@ -33,9 +33,10 @@ from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
 from draft_opd.launch.train import train
 from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
-OUT = "runs/curve"
+OUT = "runs/curve"  # DFlash's curve; another drafter kind's goes to runs/curve-KIND, on the same corpus
+CORPUS = f"{OUT}/corpus"
 GENERATE = [
-    f"generate.out={OUT}/corpus",
+    f"generate.out={CORPUS}",
     "generate.num_prompts=2016",
     "generate.batch_size=32",
     "generate.max_new_tokens=128",
@@ -43,9 +44,8 @@ GENERATE = [
     "target.dtype=bfloat16",
 ]  # bf16 decodes 2x faster here; the corpus needs no bit-exact match
 TRAIN = [
-    f"train.out_dir={OUT}",
     "name=sft",
-    f"train.sft_corpus={OUT}/corpus",
+    f"train.sft_corpus={CORPUS}",
     "train.sft_steps=1500",
     "train.opd_steps=0",
     "learner.dtype=bfloat16",
@@ -173,18 +173,23 @@ def plot(points: list[dict], title: str, out: Path) -> Path:
     return out
 
 
+def curve_dir(kind: str) -> str:
+    return OUT if kind == "dflash" else f"{OUT}-{kind}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     path, overrides = (argv[0] if argv else "configs/smol.yaml"), argv[1:]
     generate_corpus(load_config(path, GENERATE + overrides + ["train.sft_corpus=null"]))  # not written yet
-    cfg = load_config(path, TRAIN + overrides)
+    kind = load_config(path, overrides).draft.kind
+    cfg = load_config(path, [f"train.out_dir={curve_dir(kind)}", *TRAIN, *overrides])
     summary = train(cfg)
     out, run = Path(cfg.train.out_dir), RunDir(Path(cfg.train.out_dir) / cfg.name)
     scorer = TextScorer(lambda *keys: load_config(path, [*keys, *overrides]), out, CURVE_PROMPTS, CURVE_TOKENS)
     points = curve(run.records(), score(scorer, run, cfg.train.sft_steps))
     (out / "curve.json").write_text(json.dumps({"summary": summary, "points": points}, indent=2))
     command = " ".join(["make curve", *([f'CURVE_ARGS="{" ".join(overrides)}"'] if overrides else [])])
-    if ship(run, points, command):
+    if kind == "dflash" and ship(run, points, command):  # an EAGLE-3 draft has its own LM head: too large to ship
         print(f"shipped the final draft to {SHIPPED} (held-out tau {points[-1]['eval_tau']:.3f})")
     title = (
         f"offline SFT on {cfg.name}: {cfg.draft.kind} block {cfg.draft.block_size}, "

@@ -16,6 +16,7 @@ def turn(taus, tpot_plain, tpot_spec, lossless=True):
     return TurnResult(
         conversation="c",
         turn=0,
+        seed=0,
         prompt_tokens=5,
         new_tokens=sum(taus) or 4,
         lossless=lossless,
@@ -30,6 +31,7 @@ def test_summary_reports_both_tau_conventions_and_the_tpot_ratio():
     assert s.tau_mean == pytest.approx((2.0 + 4.0) / 2)  # mean of per-turn means (DFlash)
     assert s.tau_pooled == pytest.approx(20 / 6)  # total tokens / total steps (SpecForge)
     assert s.speedup == pytest.approx(0.05 / 0.015)  # mean TPOT plain / mean TPOT spec
+    assert s.tau_ci95 == pytest.approx(1.96 * 2**0.5 / 2**0.5)  # per-turn taus 2 and 4: sd sqrt(2), n 2
     assert s.lossless is True
     assert summarize("x", 1, [turn([2], 0.1, 0.1), turn([1], 0.1, 0.1, lossless=False)]).lossless is False
 
@@ -91,6 +93,21 @@ def test_eval_command_writes_a_lossless_report(tmp_path, kind, capsys):
         assert row["prompts"] == 2 and row["lossless"] is True
         assert row["tau_mean"] >= 1.0 and row["speedup"] > 0
     assert "tau pooled" in capsys.readouterr().out
+
+
+def test_eval_at_t1_decodes_every_prompt_at_each_sampling_seed(tmp_path, capsys):
+    out = tmp_path / "sampled.json"
+    args = ["eval", "configs/tiny.yaml", "eval.num_prompts=2", "eval.max_new_tokens=16", "draft.init=random"]
+    main([*args, "eval.temperature=1.0", "eval.seeds=3", f"eval.out={out}"])
+    report = json.loads(out.read_text())
+    turns = report["turns"]["gsm8k"]
+    assert [t["seed"] for t in turns] == [0, 0, 1, 1, 2, 2]  # every prompt at each seed
+    assert len({tuple(t["taus"]) for t in turns if t["conversation"] == turns[0]["conversation"]}) > 1  # seeds differ
+    (row,) = report["summaries"]
+    assert row["turns"] == 6 and row["tau_ci95"] > 0
+    assert "3 seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="eval.seeds=3 with eval.temperature=0"):
+        main([*args, "eval.seeds=3"])
 
 
 def test_eval_without_a_draft_measures_plain_decoding(tmp_path):

@@ -185,3 +185,28 @@ def test_ship_writes_a_loadable_bf16_draft_and_keeps_a_better_one(tmp_path, tiny
     assert not ship(run, [{**point, "eval_tau": 1.4}], "make curve", out)  # not better: the shipped one stays
     assert json.loads((out / "card.json").read_text())["held_out_tau"] == 1.5
     assert ship(run, [{**point, "eval_tau": 1.6}], "make curve", out)
+
+
+@pytest.mark.slow
+def test_an_eagle3_curve_goes_beside_dflash_on_the_same_corpus_and_ships_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and models/ of the tool's defaults land here
+    try:
+        study_sft_curve.main(
+            [
+                "tiny",
+                "draft.kind=eagle3",
+                "draft.num_layers=1",
+                "generate.num_prompts=6",
+                "generate.max_new_tokens=32",
+                "train.sft_steps=2",
+                "objective.sft_anchors_per_row=4",
+                *TINY_EVALS,
+            ]
+        )
+    finally:
+        ray.shutdown()
+    points = json.loads((tmp_path / "runs" / "curve-eagle3" / "curve.json").read_text())["points"]
+    assert [p["step"] for p in points] == [0, 2]
+    config = (tmp_path / "runs" / "curve-eagle3" / "sft" / "config.yaml").read_text()
+    assert "kind: eagle3" in config and "sft_corpus: runs/curve/corpus" in config
+    assert not (tmp_path / "models").exists()  # an EAGLE-3 draft carries its own LM head: not shipped

@@ -23,6 +23,7 @@ def test_the_eval_protocol_reports_both_through_it():
         TurnResult(
             conversation=c,
             turn=0,
+            seed=0,
             prompt_tokens=5,
             new_tokens=9,
             lossless=True,
