@@ -121,7 +121,8 @@ class RolloutWorker:
         if rollout.batch_size < 1:
             raise ValueError(f"rollout.batch_size must be >= 1 (got {rollout.batch_size}); 1 decodes one at a time")
         set_threads(rollout.threads)
-        self.cfg, self.buffer = rollout, buffer
+        self.cfg = rollout
+        self.buffer = ray.get_actor(buffer) if isinstance(buffer, str) else buffer  # a named buffer actor, or local
         self.actor_id = f"rollout-{actor_index}"
         self.target = load_target(replace(target, dtype=rollout.target_dtype) if rollout.target_dtype else target)
         self.drafter = make_drafter(draft.or_random(), self.target)
@@ -276,9 +277,11 @@ def start_rollout_actors(
     target: TargetConfig,
     draft: DraftSpec,
     rollout: RolloutConfig,
-    buffer,
+    buffer: str | None,
 ) -> tuple[list, object]:
-    """N rollout actors in one placement group; fails with a clear error when the cluster lacks resources."""
+    """N rollout actors in one placement group, writing to the buffer actor named `buffer`
+    (`buffer.start_named_buffer`: Ray restarts the actors, and a handle among their arguments might not
+    survive that); fails with a clear error when the cluster lacks resources."""
     if rollout.num_actors < 1:
         raise ValueError(f"rollout.num_actors must be >= 1 (got {rollout.num_actors})")
     bundle = {"CPU": rollout.num_cpus, **({"GPU": rollout.num_gpus} if rollout.num_gpus else {})}

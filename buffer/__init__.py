@@ -1,6 +1,6 @@
 """Arrow-backed replay buffer of speculative-decoding trajectories (imports nothing else of ours)."""
 
-from draft_opd.buffer.actor import ReplayBufferActor
+from draft_opd.buffer.actor import ReplayBufferActor, start_named_buffer
 from draft_opd.buffer.rate_limiter import RateLimitTimeout
 from draft_opd.buffer.replay_buffer import CORPUS_CAPACITY, BufferConfig, ReplayBuffer
 from draft_opd.buffer.sampler import SampleBatch, SampledItem
@@ -20,5 +20,6 @@ __all__ = [
     "Trajectory",
     "foreign_files",
     "holds_sealed_segments",
+    "start_named_buffer",
     "validate",
 ]

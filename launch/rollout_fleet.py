@@ -25,10 +25,17 @@ Fault = Callable[..., None]  # fault(kind, **details): how the job records a fau
 
 class RolloutFleet:
     def __init__(
-        self, cfg: Config, buffer, positions: list[int] | None, version: int, on_fault: Fault, rolling: bool = True
+        self,
+        cfg: Config,
+        buffer: str,
+        positions: list[int] | None,
+        version: int,
+        on_fault: Fault,
+        rolling: bool = True,
     ):
-        """`rolling=False`: the actors only evaluate (offline SFT) until `start_rolling`."""
-        self.cfg, self.buffer, self.on_fault, self.rolling = cfg, buffer, on_fault, rolling
+        """`buffer`: the name of the buffer actor the actors write to. `rolling=False`: the actors only evaluate
+        (offline SFT) until `start_rolling`."""
+        self.cfg, self.buffer, self.on_fault, self.rolling = cfg, ray.get_actor(buffer), on_fault, rolling
         self.actors, self.group = start_rollout_actors(cfg.target, cfg.draft, cfg.rollout, buffer)
         self.positions = list(positions) if positions else [0] * len(self.actors)
         self.version, self.weights = version, None  # the draft handed out last (None: the initial one)

@@ -26,7 +26,7 @@ import ray
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from draft_opd.buffer import CORPUS_CAPACITY, BufferConfig, ReplayBufferActor
+from draft_opd.buffer import CORPUS_CAPACITY, BufferConfig, ReplayBufferActor, start_named_buffer
 from draft_opd.launch import worker_log
 from draft_opd.launch.config import Config, job_main, load_config, one_line, to_yaml
 from draft_opd.launch.learner_group import LearnerFault, LearnerGroup
@@ -172,7 +172,7 @@ class Job:
             f"starting the replay buffer, {cfg.rollout.num_actors} rollout actor(s) and "
             f"{cfg.learner.world_size} learner rank(s); each loads the target ..."
         )
-        self.buffer = ReplayBufferActor.remote(
+        self.buffer, buffer_name = start_named_buffer(
             cfg.buffer if cfg.buffer.dir else replace(cfg.buffer, dir=str(run.buffer_dir))
         )
         if state is not None:
@@ -180,7 +180,7 @@ class Job:
         offline = bool(cfg.train.sft_corpus) and (state.step if state else 0) < cfg.train.sft_steps
         self.fleet = RolloutFleet(
             cfg,
-            self.buffer,
+            buffer_name,
             state.positions if state else None,
             state.version if state else 0,
             self.fault,

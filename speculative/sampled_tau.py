@@ -76,7 +76,16 @@ class SampledBlocks:
     widths: list[int]
     proposals: torch.Tensor  # [N, W]; row i's first widths[i] are drafted
     accept_probs: torch.Tensor  # [N, W]
+    prompt_len: int
     end: int  # the text's committed length (`committed_end`)
+
+    def steps(self) -> tuple[int, float]:
+        """(tokens the verify steps commit, their expected number) when the draft decodes over this text;
+        tau_pooled over texts is the sum of the first over the sum of the second. The first response token
+        comes from the prefill, as in `generate`."""
+        if not self.anchors:
+            return 0, 0.0
+        return self.end - self.prompt_len - 1, expected_steps(self.accept_probs, self.anchors, self.widths, self.end)
 
 
 @torch.inference_mode()
@@ -115,23 +124,4 @@ def sample_blocks_on_text(
         rows, cols = torch.tensor(keys).T
         logp[rows, cols] = torch.log_softmax(logits / temperature, dim=-1).gather(-1, samples[rows, cols, None])[:, 0]
     accept = torch.exp(torch.clamp(logp - logq, max=0.0))
-    return SampledBlocks(anchors.tolist(), widths.tolist(), samples, accept, end)
-
-
-def sampled_text_steps(
-    target: Target,
-    drafter: Drafter,
-    text: list[int],
-    prompt_len: int,
-    max_new_tokens: int,
-    temperature: float,
-    stop_ids: list[int],
-    generator: torch.Generator,
-) -> tuple[int, float]:
-    """(tokens the verify steps commit, their expected number) when `drafter` decodes at `temperature` over the
-    target-sampled text `text`; tau_pooled over texts is the sum of the first over the sum of the second. The
-    first response token comes from the prefill, as in `generate`."""
-    blocks = sample_blocks_on_text(target, drafter, text, prompt_len, max_new_tokens, temperature, stop_ids, generator)
-    if not blocks.anchors:
-        return 0, 0.0
-    return blocks.end - prompt_len - 1, expected_steps(blocks.accept_probs, blocks.anchors, blocks.widths, blocks.end)
+    return SampledBlocks(anchors.tolist(), widths.tolist(), samples, accept, prompt_len, end)

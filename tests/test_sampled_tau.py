@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from draft_opd.speculative.decode import DecodeConfig, generate
-from draft_opd.speculative.sampled_tau import expected_steps, sample_blocks_on_text, sampled_text_steps
+from draft_opd.speculative.sampled_tau import expected_steps, sample_blocks_on_text
 from tests.conftest import make_drafter
 
 PROMPTS = [[5 + i, 17 * i % 250, 99, 3 + i] for i in range(12)]
@@ -68,7 +68,8 @@ def test_sampled_text_tau_agrees_with_decoding_at_t1(tiny_target, kind):
             decoded.append((result.num_new_tokens - 1) / len(result.steps))
             text = sampled_text(tiny_target, prompt, seed=1000 + 10 * i + seed)
             gen = torch.Generator().manual_seed(seed)
-            scored.append(sampled_text_steps(tiny_target, drafter, text, len(prompt), NEW_TOKENS, 1.0, [], gen))
+            blocks = sample_blocks_on_text(tiny_target, drafter, text, len(prompt), NEW_TOKENS, 1.0, [], gen)
+            scored.append(blocks.steps())
     mean = statistics.mean(decoded)
     half = 1.96 * statistics.stdev(decoded) / len(decoded) ** 0.5
     estimate = sum(t for t, _ in scored) / sum(s for _, s in scored)
