@@ -12,7 +12,7 @@ Runs and scores are skipped once done and a run in progress resumes from its che
 study continues where it stopped.
 
     python -m draft_opd.studies.opd configs/smol.yaml [--starts plateau,early] [--arms sft,opd,...]
-                                                     [--seeds 0,1] [key=value ...]
+                                                     [--seeds 0,1] [--temperature 1.0] [key=value ...]
 
 Outputs under runs/study/: START/ARM-sSEED/ (the run directory, scores.json and eval.json), START/ (the start
 draft's scores), reference-*.pt (the target's texts), table.json and table.md (a row per start and arm: tau
@@ -68,10 +68,16 @@ class Study:
     text_prompts: int = 100  # prompts per benchmark of the text-walked tau
     decode_prompts: int = 10  # GSM8K prompts of the decoded evaluation (speedup, lossless): ~3 min a draft here
     max_new_tokens: int = 128
+    # the serving temperature the arms train for: T > 0 rolls out (sequentially) and scores at T, the held-out
+    # texts and the decoded evaluation at `sampling_seeds` seeds per prompt
+    temperature: float = 0.0
+    sampling_seeds: int = 2
     overrides: list[str] = field(default_factory=list)  # for every run and evaluation
 
     def load(self, *keys: str):
-        return load_config(self.config, [*keys, *self.overrides])
+        t = self.temperature
+        sampling = [f"rollout.temperature={t}", f"eval.temperature={t}", f"eval.seeds={self.sampling_seeds}"]
+        return load_config(self.config, [*(sampling if t > 0 else []), *keys, *self.overrides])
 
 
 def start_draft(study: Study, scorer: TextScorer, start: str) -> Path:
@@ -256,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--starts", default=",".join(STARTS))
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1")
-    for name in ("out", "curve_run", "early_step", "steps", "text_prompts", "decode_prompts", "max_new_tokens"):
+    options = ("out", "curve_run", "early_step", "steps", "text_prompts", "decode_prompts", "max_new_tokens")
+    options += ("temperature", "sampling_seeds")
+    for name in options:
         default = getattr(Study, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run and evaluation")
@@ -265,17 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in starts if s not in STARTS] + [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown start or arm {unknown}: starts are {list(STARTS)}, arms {list(ARMS)}")
-    study = Study(
-        args.config,
-        args.out,
-        args.curve_run,
-        args.early_step,
-        args.steps,
-        args.text_prompts,
-        args.decode_prompts,
-        args.max_new_tokens,
-        args.overrides,
-    )
+    study = Study(args.config, **{name: getattr(args, name) for name in options}, overrides=args.overrides)
     scorer = TextScorer(study.load, study.out, study.text_prompts, study.max_new_tokens)
     results, start_scores = [], {}
     for start in starts:

@@ -210,3 +210,11 @@ def test_an_eagle3_curve_goes_beside_dflash_on_the_same_corpus_and_ships_nothing
     config = (tmp_path / "runs" / "curve-eagle3" / "sft" / "config.yaml").read_text()
     assert "kind: eagle3" in config and "sft_corpus: runs/curve/corpus" in config
     assert not (tmp_path / "models").exists()  # an EAGLE-3 draft carries its own LM head: not shipped
+
+
+def test_a_study_at_t1_rolls_out_scores_and_decodes_at_t1_with_seeds():
+    cfg = study_opd.Study("configs/tiny.yaml", temperature=1.0).load("train.opd_steps=3")
+    assert (cfg.rollout.temperature, cfg.eval.temperature, cfg.eval.seeds) == (1.0, 1.0, 2)
+    assert not cfg.rollout.parallel  # sampling rollouts are sequential: the text depends on the draft
+    cfg = study_opd.Study("configs/tiny.yaml").load()
+    assert (cfg.rollout.temperature, cfg.eval.temperature, cfg.eval.seeds) == (0.0, 0.0, 1)
