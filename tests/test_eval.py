@@ -97,8 +97,8 @@ def test_eval_command_writes_a_lossless_report(tmp_path, kind, capsys):
 
 def test_eval_at_t1_decodes_every_prompt_at_each_sampling_seed(tmp_path, capsys):
     out = tmp_path / "sampled.json"
-    args = ["eval", "configs/tiny.yaml", "eval.num_prompts=2", "eval.max_new_tokens=16", "draft.init=random"]
-    main([*args, "eval.temperature=1.0", "eval.seeds=3", f"eval.out={out}"])
+    args = ["eval", "configs/tiny.yaml", "eval.num_prompts=2", "eval.max_new_tokens=8", "draft.init=random"]
+    main([*args, "eval.temperature=1.0", "eval.seeds=3", "eval.warmup_tokens=0", f"eval.out={out}"])
     report = json.loads(out.read_text())
     turns = report["turns"]["gsm8k"]
     assert [t["seed"] for t in turns] == [0, 0, 1, 1, 2, 2]  # every prompt at each seed
