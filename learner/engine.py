@@ -19,7 +19,7 @@ import ray
 import torch
 
 from draft_opd.learner.objective import ObjectiveConfig, phase_loss
-from draft_opd.learner.replay import target_features
+from draft_opd.learner.replay import TargetSource
 from draft_opd.speculative.loading import DraftSpec, make_drafter
 from draft_opd.speculative.runtime import set_threads
 from draft_opd.speculative.target import TargetConfig, load_target
@@ -180,7 +180,7 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=drafter, model_parameters=list(drafter.parameters()), config=deepspeed_config(cfg)
         )
-        self.features = target_features(self.target)
+        self.features = TargetSource(self.target)
         self.steps = 0
         self.phase: str | None = None  # the phase of the last step taken
 

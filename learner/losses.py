@@ -26,37 +26,58 @@ def masked_weighted_mean(values: torch.Tensor, weights: torch.Tensor, mask: torc
     return (values * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def dflash_sft_loss(
-    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, gamma: float = 7.0
-) -> torch.Tensor:
-    """DFlash: cross-entropy at block offset k weighted exp(-(k-1)/gamma), normalised by the weights.
+def forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last (vocabulary) axis: [..., V] log-probs -> [...]. Its gradient in q is
+    cross-entropy's with p as soft labels; it is 0 where q = p."""
+    p = teacher_logp.exp()
+    return torch.where(p > 0, p * (teacher_logp - student_logp), 0.0).sum(-1)  # 0 log 0 = 0: a one-hot p is CE
 
-    student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W]. bf16 logits stay bf16 (the
-    kernel accumulates in fp32): the softmax over the vocabulary is a third of a bf16 learner's step.
+
+def position_loss(
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logp: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, W] fp32 per-position SFT loss: cross-entropy with the hard labels or, given the teacher's log-probs
+    [N, W, V], forward KL to them over the full vocabulary (soft labels). bf16 logits stay bf16 for the hard
+    labels (the kernel accumulates in fp32): the softmax over the vocabulary is a third of a bf16 learner's step."""
+    if teacher_logp is not None:
+        return forward_kl(teacher_logp.float(), torch.log_softmax(student_logits.float(), dim=-1))
+    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
+    return ce.view_as(labels).float()
+
+
+def dflash_sft_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 7.0,
+    teacher_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DFlash: the position loss at block offset k weighted exp(-(k-1)/gamma), normalised by the weights.
+
+    student_logits [N, W, V], labels [N, W] (the token at anchor+k), mask [N, W]; teacher_logp as position_loss.
     """
     width = labels.shape[1]
     weights = torch.exp(-(block_offsets(width, labels.device) - 1) / gamma).expand_as(labels)
-    ce = (
-        torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
-        .view_as(labels)
-        .float()
-    )
-    return masked_weighted_mean(ce, weights, mask.float())
+    return masked_weighted_mean(position_loss(student_logits, labels, teacher_logp), weights, mask.float())
 
 
 def eagle3_sft_loss(
-    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, decay: float = 0.8
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    decay: float = 0.8,
+    teacher_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """EAGLE-3 training-time test with hard labels: cross-entropy at unroll step i (block offset i + 1), averaged
-    over the blocks valid at that step, weighted decay^i and summed over steps.
+    """EAGLE-3 training-time test: the position loss at unroll step i (block offset i + 1), averaged over the
+    blocks valid at that step, weighted decay^i and summed over steps.
 
-    student_logits [N, W, V], labels [N, W], mask [N, W]. Each step is averaged on its own, so that the later
-    steps, which fewer blocks reach, weigh as EAGLE-3 weighs them and not by how many blocks reach them.
+    student_logits [N, W, V], labels [N, W], mask [N, W]; teacher_logp as position_loss. Each step is averaged
+    on its own, so that the later steps, which fewer blocks reach, weigh as EAGLE-3 weighs them and not by how
+    many blocks reach them.
     """
     weights = decay ** torch.arange(labels.shape[1], dtype=torch.float32, device=labels.device)
-    ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
     mask = mask.float()
-    per_step = (ce.view_as(mask).float() * mask).sum(0) / mask.sum(0).clamp_min(1)
+    per_step = (position_loss(student_logits, labels, teacher_logp) * mask).sum(0) / mask.sum(0).clamp_min(1)
     return (weights * per_step).sum()
 
 
@@ -161,9 +182,15 @@ def topk_forward_kl(
 
     teacher_topk_logp / ids [N, W, k], student_logp_full [N, W, V], mask [N, W].
     """
-    p = torch.softmax(teacher_topk_logp.float(), dim=-1)
-    lq = student_logp_full.gather(-1, teacher_topk_ids.long())
-    kl = (p * (p.clamp_min(1e-12).log() - lq)).sum(-1)
+    lp = torch.log_softmax(teacher_topk_logp.float(), dim=-1)
+    kl = forward_kl(lp, student_logp_full.gather(-1, teacher_topk_ids.long()))
+    return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
+
+
+def full_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p || q) over the full vocabulary, averaged over the mask: teacher_logp / student_logp
+    [N, W, V], mask [N, W]."""
+    kl = forward_kl(teacher_logp.float(), student_logp)
     return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
 
 

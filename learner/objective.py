@@ -20,13 +20,14 @@ from draft_opd.learner.losses import (
     dflash_sft_loss,
     draft_opd_loss,
     eagle3_sft_loss,
+    full_forward_kl,
     greedy_conflict_shares,
     topk_forward_kl,
     topk_total_variation,
 )
 from draft_opd.learner.presets import PRESET_NAMES
 from draft_opd.learner.replay import (
-    FeatureSource,
+    TargetSource,
     drafter_of,
     random_text_anchors,
     replay,
@@ -36,6 +37,8 @@ from draft_opd.learner.replay import (
 from draft_opd.speculative.text_tau import text_labels
 
 OPD_ANCHORS = ("rollout", "random")
+OPD_VARIANTS = ("k3", "topk", "full")
+SFT_TARGETS = ("hard", "soft")
 
 
 @dataclass
@@ -43,7 +46,9 @@ class ObjectiveConfig:
     opd_decay: float = 0.9  # rejected-stream weight decay^(offset-1); the GSM8K script used 0.8
     sft_gamma: float = 7.0  # DFlash position weight exp(-(k-1)/gamma)
     eagle_decay: float = 0.8  # EAGLE-3 step weight decay^i
-    opd_variant: str = "k3"  # k3: the paper's sampled estimators; topk: exact forward KL + TV from stored top-k
+    # k3: the paper's sampled estimators; topk: exact forward KL + TV from stored top-k; full: the response
+    # stream's forward KL over the full vocabulary, p from a target pass over the row (the reference's EAGLE-3 path)
+    opd_variant: str = "k3"
     opd_max_staleness: int | None = None  # OPD samples only rows drafted at most this many versions ago
     # k3 on the rejected stream: reference clamps log(p/q) to +-20 (a capped token gets no gradient, as in the
     # Draft-OPD code); floor floors both log-probs at -10 first (such a token is pushed down in full)
@@ -52,6 +57,9 @@ class ObjectiveConfig:
     # batch_size / this rows, so one row's target features serve many blocks (DFlash trains many anchors per
     # sequence); 1 draws one anchor per sampled block
     sft_anchors_per_row: int = 1
+    # SFT's labels: hard (the text's tokens: the DFlash/EAGLE-3 recipe) or soft (forward KL to the target's full
+    # distribution at each label position, from one target pass per sampled row)
+    sft_targets: str = "hard"
     rejected_weight: float = 1.0  # scales the rejected stream (k3's decayed weights, topk's TV); 0: response only
     sft_mix: float = 0.0  # OPD loss + sft_mix * the SFT loss on random anchors of the same rows (a mixed loss)
     # k3's response stream: bernoulli (the paper's forward KL of the accept event to p) or greedy (cross-entropy on
@@ -80,20 +88,29 @@ class ObjectiveConfig:
             raise ValueError(f"objective.response_kl must be one of {RESPONSE_KLS} (got {self.response_kl!r})")
         if self.opd_anchors not in OPD_ANCHORS:
             raise ValueError(f"objective.opd_anchors must be one of {OPD_ANCHORS} (got {self.opd_anchors!r})")
-        if self.opd_anchors == "random" and self.opd_variant == "topk":
+        if self.opd_variant not in OPD_VARIANTS:
+            raise ValueError(f"objective.opd_variant must be one of {OPD_VARIANTS} (got {self.opd_variant!r})")
+        if self.sft_targets not in SFT_TARGETS:
+            raise ValueError(f"objective.sft_targets must be one of {SFT_TARGETS} (got {self.sft_targets!r})")
+        if self.opd_anchors == "random" and self.opd_variant != "k3":
             raise ValueError(
-                "objective.opd_anchors=random needs objective.opd_variant=k3: the teacher's top-k "
-                "is stored only at the rollout's anchors"
+                "objective.opd_anchors=random needs objective.opd_variant=k3: the other variants' teacher "
+                "terms are gathered at the rollout's anchors"
+            )
+        if self.opd_variant == "full" and self.rejected_weight > 0:
+            raise ValueError(
+                "objective.opd_variant=full has no rejected stream (a target pass over the text knows no "
+                "off-text proposals): set objective.rejected_weight=0"
             )
 
 
 def sft_loss(
-    model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+    model, batch: SampleBatch, features: TargetSource, cfg: ObjectiveConfig, rng: np.random.Generator
 ) -> dict[str, torch.Tensor]:
     """Random anchors in the committed text: objective.sft_anchors_per_row for each block the batch sampled."""
     drafter = drafter_of(model)
     width = drafter.cfg.block_size - 1
-    logits, labels, masks = [], [], []
+    logits, labels, masks, teachers = [], [], [], []
     lowest = 1 if drafter.cfg.kind == "eagle3" else 0
     for t, count in zip(*np.unique(batch.traj_index, return_counts=True)):
         ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
@@ -104,11 +121,14 @@ def sft_loss(
         )
         labels.append(label)
         masks.append(mask)
+        if cfg.sft_targets == "soft":
+            teachers.append(features.at_blocks(batch.input_ids[t], anchors, width))
     logits, labels, mask = torch.cat(logits), torch.cat(labels), torch.cat(masks).float()
+    teacher = torch.cat(teachers) if teachers else None
     if drafter.cfg.kind == "eagle3":
-        loss = eagle3_sft_loss(logits, labels, mask, cfg.eagle_decay)
+        loss = eagle3_sft_loss(logits, labels, mask, cfg.eagle_decay, teacher)
     else:
-        loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma)
+        loss = dflash_sft_loss(logits, labels, mask, cfg.sft_gamma, teacher)
     accuracy = ((logits.argmax(-1) == labels).float() * mask).sum() / mask.sum().clamp_min(1)
     return {
         "loss": loss,
@@ -119,7 +139,7 @@ def sft_loss(
 
 
 def opd_loss(
-    model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+    model, batch: SampleBatch, features: TargetSource, cfg: ObjectiveConfig, rng: np.random.Generator
 ) -> dict[str, torch.Tensor]:
     """The OPD variant's loss terms plus, for either variant, the greedy-conflict shares of the sampled streams."""
     if cfg.opd_anchors == "random":
@@ -136,7 +156,9 @@ def opd_loss(
     )
     if cfg.opd_variant == "topk":
         out = topk_opd_loss(terms, batch, cfg.rejected_weight)
-    elif cfg.opd_variant == "k3":
+    elif cfg.opd_variant == "full":
+        out = full_opd_loss(terms, batch, features)
+    else:
         out = draft_opd_loss(
             *streams,
             decay=cfg.opd_decay,
@@ -144,9 +166,20 @@ def opd_loss(
             rejected_weight=cfg.rejected_weight,
             response_kl=cfg.response_kl,
         )
-    else:
-        raise ValueError(f"unknown objective.opd_variant {cfg.opd_variant!r}; use k3 or topk")
     return {**out, **greedy_conflict_shares(*streams)}
+
+
+def full_opd_loss(terms, batch: SampleBatch, features: TargetSource) -> dict[str, torch.Tensor]:
+    """The response stream's forward KL over the full vocabulary, p from one target pass over each sampled row's
+    text: the rollout's anchors and accept lengths decide the positions, the whole distribution the target."""
+    width = batch.draft_tokens.shape[1]
+    teacher = torch.empty_like(terms.student_logp)
+    for t in np.unique(batch.traj_index):
+        items = np.nonzero(batch.traj_index == t)[0]
+        anchors = torch.from_numpy(batch.anchor[items].astype(np.int64))
+        teacher[torch.from_numpy(items)] = features.at_blocks(batch.input_ids[t], anchors, width)
+    resp = full_forward_kl(teacher, terms.student_logp, terms.committed_mask)
+    return {"loss": resp, "resp_kl": resp}
 
 
 def topk_opd_loss(terms, batch: SampleBatch, rejected_weight: float = 1.0) -> dict[str, torch.Tensor]:
@@ -164,7 +197,7 @@ def topk_opd_loss(terms, batch: SampleBatch, rejected_weight: float = 1.0) -> di
 
 
 def phase_loss(
-    phase: str, model, batch: SampleBatch, features: FeatureSource, cfg: ObjectiveConfig, rng: np.random.Generator
+    phase: str, model, batch: SampleBatch, features: TargetSource, cfg: ObjectiveConfig, rng: np.random.Generator
 ) -> dict[str, torch.Tensor]:
     if phase == "sft":
         return sft_loss(model, batch, features, cfg, rng)

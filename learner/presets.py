@@ -27,6 +27,8 @@ PRESETS: dict[str, list[str]] = {
     # beyond the paper: the response stream's forward KL to the one-hot greedy target, which T = 0 accepts against
     "greedy": ["objective.response_kl=greedy"],
     "greedy-anchors-only": ["objective.response_kl=greedy", "objective.rejected_weight=0"],
+    # the reference's EAGLE-3 path: the response stream's forward KL over the full vocabulary, no rejected stream
+    "full-vocab": ["objective.opd_variant=full", "objective.rejected_weight=0"],
 }
 AUTO: dict[tuple[str, bool], str] = {  # (draft.kind, serving temperature > 0) -> preset
     ("dflash", False): "greedy-anchors-only",  # measured: the study's best arm at T = 0 (docs/results/study.md)

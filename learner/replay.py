@@ -9,7 +9,6 @@ rollout records, so replay costs no target pass when features are stored.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,18 +18,31 @@ from draft_opd.buffer import SampleBatch
 from draft_opd.speculative.drafter import Drafter
 from draft_opd.speculative.text_tau import text_labels
 
-FeatureSource = Callable[[np.ndarray, np.ndarray | None], torch.Tensor]  # (input_ids, stored fp16) -> [T, F]
 
+class TargetSource:
+    """What the losses ask of the frozen target about a sampled row: its features (the buffer's stored fp16 copy
+    when it has one, else a target pass) and its next-token log-probs at every position (always a target pass:
+    soft-label SFT and the full-vocabulary OPD variant, whose teacher is the whole distribution)."""
 
-def target_features(target) -> FeatureSource:
-    """Features from the stored fp16 copy when present, else from a frozen target pass."""
+    def __init__(self, target):
+        self.target = target
 
-    def source(input_ids: np.ndarray, stored: np.ndarray | None) -> torch.Tensor:
+    def __call__(self, input_ids: np.ndarray, stored: np.ndarray | None) -> torch.Tensor:
+        """Features [T, F] of the row."""
         if stored is not None:
             return torch.from_numpy(stored.astype(np.float32))
-        return target.forward(torch.from_numpy(input_ids.astype(np.int64)), 0, None).features
+        return self.target.forward(torch.from_numpy(input_ids.astype(np.int64)), 0, None).features
 
-    return source
+    def logprobs(self, input_ids: np.ndarray) -> torch.Tensor:
+        """[T, V] fp32: row i is log p(. | input_ids[: i + 1]), the target's distribution of token i + 1."""
+        out = self.target.forward(torch.from_numpy(input_ids.astype(np.int64)), 0, None, with_features=False)
+        return torch.log_softmax(out.logits.float(), dim=-1)
+
+    def at_blocks(self, input_ids: np.ndarray, anchors: torch.Tensor, width: int) -> torch.Tensor:
+        """[n, width, V]: the target's distribution of each block position, the token at anchor + 1 + j; positions
+        past the row's end repeat its last row (the losses mask them)."""
+        logp = self.logprobs(input_ids)
+        return logp[(anchors[:, None] + torch.arange(width)).clamp_max(logp.shape[0] - 1)]
 
 
 @dataclass
@@ -73,7 +85,7 @@ def replay_block_logits(
     return model(features, input_ids, anchors, chain_tokens[:, : width - 1], widths)
 
 
-def replay(model, batch: SampleBatch, features: FeatureSource) -> ReplayTerms:
+def replay(model, batch: SampleBatch, features: TargetSource) -> ReplayTerms:
     width = batch.draft_tokens.shape[1]
     draft_tokens = torch.from_numpy(batch.draft_tokens.astype(np.int64))
     logits = [None] * len(batch)
@@ -108,7 +120,7 @@ def random_text_anchors(batch: SampleBatch, t: int, count: int, lowest: int, rng
     return torch.from_numpy(rng.integers(lo, max(len(batch.input_ids[t]) - 1, lo + 1), size=count))
 
 
-def replay_random_anchors(model, batch: SampleBatch, features: FeatureSource, rng: np.random.Generator) -> ReplayTerms:
+def replay_random_anchors(model, batch: SampleBatch, features: TargetSource, rng: np.random.Generator) -> ReplayTerms:
     """The ablation of rollout anchors: as many blocks per trajectory as the batch sampled, re-drafted at random
     anchors of the rollouts' text. The current draft's greedy proposals there decide the accepted prefix; the
     response stream is that prefix plus the first error's target token, with the rollout's teacher log-probs.

@@ -9,10 +9,12 @@ arm trains the same number of learner steps, with the same lr schedule, from the
   lengths decoding would record, drafter passes only, so hundreds of prompts per checkpoint are affordable);
 - `draft-opd eval` of the final draft on Study.decode_prompts GSM8K prompts: decoded tau, speedup, lossless.
 Runs and scores are skipped once done and a run in progress resumes from its checkpoint, so an interrupted
-study continues where it stopped.
+study continues where it stopped. With `--record DIR` (e.g. results/map/dflash-T0) every finished arm's and
+start's results are also kept there, small JSON to commit: a later clone, with runs/ gone, reads them back and
+trains only the arms still missing, so a study can outgrow one session.
 
-    python -m draft_opd.studies.opd configs/smol.yaml [--starts plateau,early] [--arms sft,opd,...]
-                                                     [--seeds 0,1] [--temperature 1.0] [key=value ...]
+    python -m draft_opd.studies.opd configs/smol.yaml [--starts plateau,early,shipped] [--arms sft,opd,...]
+                                                     [--seeds 0,1] [--temperature 1.0] [--record DIR] [key=value ...]
 
 Outputs under runs/study/: START/ARM-sSEED/ (the run directory, scores.json and eval.json), START/ (the start
 draft's scores), reference-*.pt (the target's texts), table.json and table.md (a row per start and arm: tau
@@ -25,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from draft_opd.launch.config import load_config
@@ -33,9 +37,12 @@ from draft_opd.launch.eval import run_eval
 from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
 from draft_opd.launch.train import train
 from draft_opd.learner.presets import PRESETS
+from draft_opd.studies.sft_curve import CORPUS, SHIPPED, make_corpus
 from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
-STARTS = ("plateau", "early")  # the curve run's final draft; its draft at checkpoint Study.early_step
+# the curve run's final draft; its draft at checkpoint Study.early_step; the draft the repository ships (a curve's
+# final draft, see its card), whose continued-SFT arms train on the curve's corpus, made again where runs/ lacks it
+STARTS = ("plateau", "early", "shipped")
 COMMON = [
     "learner.batch_size=64",
     "learner.lr=3e-4",
@@ -52,6 +59,7 @@ COMMON = [
 ]
 ARMS = {  # name: (phase, overrides); the OPD arms are the objective presets (learner.presets), the paper's first
     "sft": ("sft", ["objective.sft_anchors_per_row=16"]),  # continued SFT on the start draft's own corpus
+    "sft-soft": ("sft", ["objective.sft_anchors_per_row=16", "objective.sft_targets=soft"]),  # the target's soft labels
     "opd": ("opd", ["objective.preset=paper"]),
     **{f"opd-{name}": ("opd", [f"objective.preset={name}"]) for name in PRESETS if name != "paper"},
 }
@@ -64,6 +72,9 @@ class Study:
     out: Path = Path("runs/study")
     curve_run: Path = Path("runs/curve/sft")  # `make curve`'s offline-SFT run: the start drafts and the corpus
     early_step: int = 200  # the curve run's checkpoint that the early start takes its draft from
+    shipped: Path = SHIPPED  # the shipped start's draft
+    corpus: Path = Path(CORPUS)  # the shipped start's corpus (`make curve`'s recipe)
+    record: str = ""  # a folder that keeps every finished arm's results (see the module's docstring); "": none
     steps: int = 100  # learner steps of every arm
     text_prompts: int = 100  # prompts per benchmark of the text-walked tau
     decode_prompts: int = 10  # GSM8K prompts of the decoded evaluation (speedup, lossless): ~3 min a draft here
@@ -82,8 +93,8 @@ class Study:
 
 def start_draft(study: Study, scorer: TextScorer, start: str) -> Path:
     """The start draft as a draft directory: the curve run's final draft, or the one in its checkpoint."""
-    if start == "plateau":
-        draft = study.curve_run / "draft"
+    if start in ("plateau", "shipped"):
+        draft = study.curve_run / "draft" if start == "plateau" else study.shipped
         if not (draft / "model.safetensors").exists():
             raise SystemExit(f"no draft at {draft}: run `make curve` first (the study starts from its draft)")
         return draft
@@ -99,6 +110,18 @@ def cached(path: Path, compute) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(compute(), indent=2))
     return json.loads(path.read_text())
+
+
+def recorded(study: Study, name: str, compute) -> dict:
+    """`compute()`, kept at Study.record/name when the study has a record folder."""
+    return cached(Path(study.record) / name, compute) if study.record else compute()
+
+
+def sft_corpus(study: Study, start: str) -> str:
+    """The corpus of the start draft's offline SFT, which the continued-SFT arm trains on."""
+    if start == "shipped":
+        return make_corpus(study.config, study.overrides, study.corpus)  # a no-op where it is complete
+    return load_config(study.curve_run / "config.yaml").train.sft_corpus
 
 
 def decoded(study: Study, draft: Path, out: Path) -> dict:
@@ -122,6 +145,10 @@ def score_draft(study: Study, scorer: TextScorer, draft: Path, out: Path) -> dic
     return {"text": text, "decoded": decoded(study, draft, out / "eval.json")}
 
 
+def score_start(study: Study, scorer: TextScorer, start: str) -> dict:
+    return score_draft(study, scorer, start_draft(study, scorer, start), study.out / start)
+
+
 def score_run(study: Study, scorer: TextScorer, run: RunDir, start_tau: float) -> list:
     """(step, training seconds, GSM8K text-walked tau) at step 0 (the start draft), every kept checkpoint and the
     end. Seconds add each step's own time (rollout waits included), so a resumed run's pause does not count."""
@@ -140,10 +167,13 @@ def score_run(study: Study, scorer: TextScorer, run: RunDir, start_tau: float) -
     return [(point[0], seconds.get(point[0], 0.0), point[-1]) for point in taus]
 
 
-def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, draft: Path, start_tau: float) -> dict:
+def run_arm(
+    study: Study, scorer: TextScorer, start: str, arm: str, seed: int, draft: Callable[[], Path], start_tau: float
+) -> dict:
+    """One arm's training run from the start draft (`draft()`, resolved only when the arm trains) and its scores."""
     phase, overrides = ARMS[arm]
     if phase == "sft":  # on the corpus the start draft was trained on
-        corpus = load_config(study.curve_run / "config.yaml").train.sft_corpus
+        corpus = sft_corpus(study, start)
         phases = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
     else:
         phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
@@ -151,7 +181,7 @@ def run_arm(study: Study, scorer: TextScorer, start: str, arm: str, seed: int, d
         *COMMON,
         *phases,
         *overrides,
-        f"draft={draft}",
+        f"draft={draft()}",
         f"learner.seed={seed}",
         f"buffer.seed={seed}",
         f"train.out_dir={study.out / start}",
@@ -259,11 +289,11 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--starts", default=",".join(STARTS))
+    parser.add_argument("--starts", default="plateau,early")  # shipped: a study without `make curve` first
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1")
-    options = ("out", "curve_run", "early_step", "steps", "text_prompts", "decode_prompts", "max_new_tokens")
-    options += ("temperature", "sampling_seeds")
+    options = ("out", "curve_run", "early_step", "shipped", "corpus", "record", "steps", "text_prompts")
+    options += ("decode_prompts", "max_new_tokens", "temperature", "sampling_seeds")
     for name in options:
         default = getattr(Study, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -277,24 +307,31 @@ def main(argv: list[str] | None = None) -> None:
     scorer = TextScorer(study.load, study.out, study.text_prompts, study.max_new_tokens)
     results, start_scores = [], {}
     for start in starts:
-        draft = start_draft(study, scorer, start)
-        start_scores[start] = score_draft(study, scorer, draft, study.out / start)
+        start_scores[start] = recorded(study, f"{start}/start.json", partial(score_start, study, scorer, start))
+        tau = start_scores[start]["text"][TEXT[0]]["tau_mean"]
         for arm in arms:
             for seed in map(int, args.seeds.split(",")):
-                results.append(
-                    run_arm(study, scorer, start, arm, seed, draft, start_scores[start]["text"][TEXT[0]]["tau_mean"])
-                )
+                run = partial(run_arm, study, scorer, start, arm, seed, partial(start_draft, study, scorer, start), tau)
+                results.append(recorded(study, f"{start}/{arm}-s{seed}.json", run))
                 write_outputs(study, results, start_scores)
-    print((study.out / "table.md").read_text())
+    outputs = outputs_dirs(study)
+    print((outputs[-1] / "table.md").read_text())
     for start in starts:
-        print(plot(results, start, study.out / f"{start}-curves.png"))
+        print(*(plot(results, start, out / f"{start}-curves.png") for out in outputs))
+
+
+def outputs_dirs(study: Study) -> list[Path]:
+    """Where the table and plots go: the study's folder, and its record folder if it has one."""
+    return [study.out, *([Path(study.record)] if study.record else [])]
 
 
 def write_outputs(study: Study, results: list[dict], start_scores: dict[str, dict]) -> None:
     """The table so far: a long study shows its finished arms while the next one trains."""
     rows, markdown = table(results, start_scores)
-    (study.out / "table.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
-    (study.out / "table.md").write_text(markdown)
+    for out in outputs_dirs(study):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2))
+        (out / "table.md").write_text(markdown)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,11 @@ from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 OUT = "runs/curve"  # DFlash's curve; another drafter kind's goes to runs/curve-KIND, on the same corpus
 CORPUS = f"{OUT}/corpus"
 GENERATE = [
-    f"generate.out={CORPUS}",
     "generate.num_prompts=2016",
-    "generate.batch_size=32",
+    "generate.batch_size=64",
     "generate.max_new_tokens=128",
     "generate.store_features=true",
-    "target.dtype=bfloat16",
-]  # bf16 decodes 2x faster here; the corpus needs no bit-exact match
+]  # fp32 (the config's dtype), batch 64: 122 tokens/s here, bf16 at batch 32 43 (docs/results/sft-curve.md)
 TRAIN = [
     "name=sft",
     f"train.sft_corpus={CORPUS}",
@@ -173,6 +171,14 @@ def plot(points: list[dict], title: str, out: Path) -> Path:
     return out
 
 
+def make_corpus(path: str, overrides: list[str], out: str | Path = CORPUS) -> str:
+    """The curve's corpus at `out` by its recipe (GENERATE): made, or completed where a run stopped; the study's
+    continued-SFT arms from the shipped draft train on it too."""
+    keys = [f"generate.out={out}", *GENERATE, *overrides, "train.sft_corpus=null"]  # null: the corpus to be made
+    generate_corpus(load_config(path, keys))
+    return str(out)
+
+
 def curve_dir(kind: str) -> str:
     return OUT if kind == "dflash" else f"{OUT}-{kind}"
 
@@ -180,7 +186,7 @@ def curve_dir(kind: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     path, overrides = (argv[0] if argv else "configs/smol.yaml"), argv[1:]
-    generate_corpus(load_config(path, GENERATE + overrides + ["train.sft_corpus=null"]))  # not written yet
+    make_corpus(path, overrides)
     kind = load_config(path, overrides).draft.kind
     cfg = load_config(path, [f"train.out_dir={curve_dir(kind)}", *TRAIN, *overrides])
     summary = train(cfg)

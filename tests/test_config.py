@@ -111,6 +111,11 @@ def test_a_preset_sits_above_the_yaml_file_and_below_the_command_line(tmp_path):
     assert (cfg.rollout.topk_logprobs, cfg.buffer.topk, cfg.objective.rejected_weight) == (8, 8, 0.0)
 
 
+def test_the_full_vocab_preset_is_the_response_streams_full_kl_alone():
+    cfg = load_config("configs/tiny.yaml", ["objective.preset=full-vocab"])
+    assert (cfg.objective.opd_variant, cfg.objective.rejected_weight) == ("full", 0.0)
+
+
 def test_an_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="unknown objective.preset 'greedy-only'.*auto, paper, anchors-only"):
         load_config("configs/tiny.yaml", ["objective.preset=greedy-only"])

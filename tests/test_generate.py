@@ -24,7 +24,7 @@ from draft_opd.buffer import BufferConfig, ReplayBuffer, SegmentWarning, Traject
 from draft_opd.launch.config import load_config
 from draft_opd.launch.generate import generate_corpus
 from draft_opd.learner.objective import ObjectiveConfig, phase_loss
-from draft_opd.learner.replay import target_features
+from draft_opd.learner.replay import TargetSource
 from draft_opd.speculative.decode import DecodeConfig, generate
 from tests.conftest import make_drafter
 from tests.test_bad_input import LONG, cli_error, write_jsonl
@@ -94,7 +94,7 @@ def test_corpus_reopens_and_an_sft_step_samples_from_it(tmp_path, tiny_target):
     drafter = make_drafter(tiny_target, "dflash", block_size=5)
     before = [p.detach().clone() for p in drafter.parameters()]
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-3)
-    out = phase_loss("sft", drafter, batch, target_features(tiny_target), ObjectiveConfig(), np.random.default_rng(0))
+    out = phase_loss("sft", drafter, batch, TargetSource(tiny_target), ObjectiveConfig(), np.random.default_rng(0))
     out["loss"].backward()
     optimizer.step()
     assert torch.isfinite(out["loss"]) and any(not torch.equal(a, b) for a, b in zip(before, drafter.parameters()))

@@ -10,6 +10,8 @@ from draft_opd.learner.losses import (
     dflash_sft_loss,
     draft_opd_loss,
     eagle3_sft_loss,
+    forward_kl,
+    full_forward_kl,
     greedy_conflict_shares,
     k3_reverse_kl,
     topk_forward_kl,
@@ -220,6 +222,35 @@ def test_eagle3_sft_loss_averages_each_step_then_weights_it_by_hand():
     step1 = (ce([1.0, 0.0], 0) + ce([0.5, 0.5], 1)) / 2
     step2 = ce([0.0, 2.0], 1)
     assert eagle3_sft_loss(logits, labels, mask, decay=0.8).item() == pytest.approx(step1 + 0.8 * step2, rel=1e-5)
+
+
+def test_forward_kl_by_hand():
+    p, q = [0.5, 0.5, 0.0], [0.25, 0.5, 0.25]
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.5)  # 0 log 0 = 0
+    teacher = torch.tensor([p]).log()  # log 0 = -inf: no NaN
+    assert forward_kl(teacher, torch.tensor([q]).log()).item() == pytest.approx(expected, rel=1e-5)
+    mask = torch.tensor([[1.0, 0.0]])
+    two = torch.stack([teacher, torch.tensor([[0.9, 0.05, 0.05]]).log()], dim=1)  # [1, W=2, V]
+    student = torch.tensor([q, q]).log()[None]
+    assert full_forward_kl(two, student, mask).item() == pytest.approx(expected, rel=1e-5)  # the masked one is out
+
+
+@pytest.mark.parametrize("loss", [dflash_sft_loss, eagle3_sft_loss])
+def test_soft_labels_of_one_hot_teachers_are_the_hard_labels_and_a_soft_teacher_is_kl_by_hand(loss):
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.5, 0.5, 1.0], [3.0, 0.0, 0.0]]])
+    labels = torch.tensor([[0, 2], [1, 0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    one_hot = torch.nn.functional.one_hot(labels, 3).float().log()
+    assert loss(logits, labels, mask, teacher_logp=one_hot).item() == pytest.approx(
+        loss(logits, labels, mask).item(), rel=1e-6
+    )
+    # one block, one position, p = [0.7, 0.2, 0.1]: KL(p || softmax(logits)) by hand, whatever the label
+    p = [0.7, 0.2, 0.1]
+    row = [2.0, 0.0, 0.0]
+    lq = [v - math.log(sum(math.exp(u) for u in row)) for v in row]
+    expected = sum(pi * (math.log(pi) - lqi) for pi, lqi in zip(p, lq))
+    got = loss(torch.tensor([[row]]), torch.tensor([[1]]), torch.ones(1, 1), teacher_logp=torch.tensor([[p]]).log())
+    assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_topk_forward_kl_by_hand():

@@ -7,10 +7,10 @@ import torch
 from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
 from draft_opd.buffer import BufferConfig, ReplayBuffer
 from draft_opd.learner.objective import ObjectiveConfig, phase_loss
-from draft_opd.learner.replay import random_text_anchors, replay, replay_random_anchors, target_features
+from draft_opd.learner.replay import TargetSource, random_text_anchors, replay, replay_random_anchors
 from draft_opd.speculative.loading import DraftSpec
 from draft_opd.speculative.target import TargetConfig
-from draft_opd.speculative.text_tau import leading_matches
+from draft_opd.speculative.text_tau import leading_matches, text_labels
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 
@@ -43,7 +43,7 @@ def test_gradients_reach_only_the_drafts_trainable_parameters(kind, phase):
         phase,
         worker.drafter,
         buffer.sample(8),
-        target_features(worker.target),
+        TargetSource(worker.target),
         ObjectiveConfig(),
         np.random.default_rng(0),
     )
@@ -59,7 +59,7 @@ def test_replay_teacher_terms_match_the_recorded_stream(kind):
     """At the first rejected position the student's replayed log-prob is the rollout-time q of that proposal."""
     worker, buffer = rollouts(kind, 3)
     batch = buffer.sample(12)
-    terms = replay(worker.drafter, batch, target_features(worker.target))
+    terms = replay(worker.drafter, batch, TargetSource(worker.target))
     assert torch.equal(
         terms.rejected_mask.bool(),
         torch.from_numpy(batch.rejected_mask)
@@ -80,7 +80,7 @@ def test_replay_teacher_terms_match_the_recorded_stream(kind):
 @pytest.mark.parametrize("phase", ["sft", "opd"])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind, phase):
     worker, buffer = rollouts(kind, 4)
-    batch, features = buffer.sample(16), target_features(worker.target)
+    batch, features = buffer.sample(16), TargetSource(worker.target)
     optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=1e-3)
     worker.drafter.train()
     losses = []
@@ -95,7 +95,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(kind, phase):
 
 def test_topk_variant_learns_and_needs_stored_topk():
     worker, buffer = rollouts("dflash", 4, topk=8)
-    batch, features = buffer.sample(16), target_features(worker.target)
+    batch, features = buffer.sample(16), TargetSource(worker.target)
     cfg = ObjectiveConfig(opd_variant="topk")
     optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=1e-3)
     losses = []
@@ -125,7 +125,7 @@ def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
     """sft_anchors_per_row=k: k blocks per sampled block, all in that block's row, labels inside its text."""
     worker, buffer = rollouts("dflash", 3)
     batch = buffer.sample(2)
-    features = target_features(worker.target)
+    features = TargetSource(worker.target)
     one = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
     many = phase_loss(
         "sft", worker.drafter, batch, features, ObjectiveConfig(sft_anchors_per_row=5), np.random.default_rng(0)
@@ -139,7 +139,7 @@ def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
 
 def test_mixed_loss_adds_the_weighted_sft_loss_of_the_same_rows():
     worker, buffer = rollouts("dflash", 3)
-    batch, features = buffer.sample(8), target_features(worker.target)
+    batch, features = buffer.sample(8), TargetSource(worker.target)
     opd = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
     sft = phase_loss("sft", worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(1))
     mixed = phase_loss("opd", worker.drafter, batch, features, ObjectiveConfig(sft_mix=0.5), np.random.default_rng(1))
@@ -153,7 +153,7 @@ def test_greedy_response_kl_is_the_cross_entropy_of_the_committed_tokens():
     """objective.response_kl=greedy with the rejected stream off: the OPD loss is -log q of the target's
     committed (greedy) tokens at the recorded anchors, averaged over the response stream."""
     worker, buffer = rollouts("dflash", 3)
-    batch, features = buffer.sample(8), target_features(worker.target)
+    batch, features = buffer.sample(8), TargetSource(worker.target)
     cfg = ObjectiveConfig(response_kl="greedy", rejected_weight=0)
     out = phase_loss("opd", worker.drafter, batch, features, cfg, np.random.default_rng(0))
     terms = replay(worker.drafter, batch, features)
@@ -169,7 +169,7 @@ def test_random_anchor_replay_trains_the_drafts_matching_prefix_and_its_first_er
     stream is the draft's greedy matches with the text plus the first error's target token, scored by the
     rollout's teacher log-probs; the target never scored these proposals, so there is no rejected stream."""
     worker, buffer = rollouts(kind, 3)
-    batch, features = buffer.sample(12), target_features(worker.target)
+    batch, features = buffer.sample(12), TargetSource(worker.target)
     optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=3e-3)
     for step in range(30):  # a draft that matches some of the text, so accepted prefixes vary in length
         out = phase_loss(
@@ -215,3 +215,67 @@ def test_random_anchor_replay_trains_the_drafts_matching_prefix_and_its_first_er
         ObjectiveConfig(opd_anchors="anywhere")
     with pytest.raises(ValueError, match="opd_variant=k3"):
         ObjectiveConfig(opd_anchors="random", opd_variant="topk")
+
+
+def test_the_targets_distribution_at_a_blocks_positions_is_that_of_a_fresh_prefix_pass():
+    """TargetSource.at_blocks: row j of a block at anchor a is the target's distribution of token a + 1 + j, the
+    last row of a pass over that prefix; at T = 0 its argmax is the text's token there (the text is greedy)."""
+    worker, buffer = rollouts("dflash", 3)
+    batch, source = buffer.sample(4), TargetSource(worker.target)
+    width = worker.drafter.cfg.block_size - 1
+    for t in np.unique(batch.traj_index):
+        ids = torch.from_numpy(batch.input_ids[t].astype(np.int64))
+        anchors = random_text_anchors(batch, t, 3, 0, np.random.default_rng(int(t)))
+        blocks = source.at_blocks(batch.input_ids[t], anchors, width)
+        labels, mask = text_labels(ids, anchors, width)
+        assert blocks.shape == (3, width, worker.target.vocab_size) and mask.any()
+        assert torch.equal(blocks.argmax(-1)[mask], labels[mask])
+        i, j = map(int, mask.nonzero()[-1])  # the last label position of these blocks
+        prefix = ids[: int(anchors[i]) + j + 1]
+        fresh = torch.log_softmax(worker.target.forward(prefix, 0, None).logits[-1].float(), dim=-1)
+        assert torch.allclose(blocks[i, j], fresh, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "eagle3"])
+@pytest.mark.parametrize(
+    "phase,cfg",
+    [("sft", ObjectiveConfig(sft_targets="soft")), ("opd", ObjectiveConfig(opd_variant="full", rejected_weight=0))],
+    ids=["soft-sft", "full-vocab-opd"],
+)
+def test_full_vocabulary_teachers_learn_on_a_fixed_batch(kind, phase, cfg):
+    worker, buffer = rollouts(kind, 4)
+    batch, features = buffer.sample(16), TargetSource(worker.target)
+    optimizer = torch.optim.AdamW(worker.drafter.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        out = phase_loss(phase, worker.drafter, batch, features, cfg, np.random.default_rng(0))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert min(losses) >= 0 and losses[-1] < 0.8 * losses[0], losses
+    hard = phase_loss(phase, worker.drafter, batch, features, ObjectiveConfig(), np.random.default_rng(0))
+    assert hard["loss"].item() != pytest.approx(losses[-1], rel=1e-3)  # the soft teacher is not the hard one
+
+
+def test_full_vocab_opd_is_the_forward_kl_at_the_committed_positions_of_prefix_passes():
+    worker, buffer = rollouts("dflash", 3)
+    batch, source = buffer.sample(6), TargetSource(worker.target)
+    out = phase_loss("opd", worker.drafter, batch, source, ObjectiveConfig(opd_variant="full", rejected_weight=0), None)
+    terms = replay(worker.drafter, batch, source)
+    kls = []
+    for i, j in terms.committed_mask.nonzero().tolist():
+        ids = torch.from_numpy(batch.input_ids[batch.traj_index[i]].astype(np.int64))
+        logits = worker.target.forward(ids[: int(batch.anchor[i]) + j + 1], 0, None).logits[-1]
+        p = torch.softmax(logits.float(), dim=-1)
+        kls.append(float((p * (p.log() - terms.student_logp[i, j].detach())).sum()))
+    assert kls and out["loss"].item() == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert out["resp_kl"].item() == out["loss"].item()
+    with pytest.raises(ValueError, match="rejected_weight=0"):
+        ObjectiveConfig(opd_variant="full")
+    with pytest.raises(ValueError, match="opd_variant=k3"):
+        ObjectiveConfig(opd_anchors="random", opd_variant="full", rejected_weight=0)
+    with pytest.raises(ValueError, match="opd_variant must be one of"):
+        ObjectiveConfig(opd_variant="tv")
+    with pytest.raises(ValueError, match="sft_targets must be one of"):
+        ObjectiveConfig(sft_targets="teacher")

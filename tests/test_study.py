@@ -1,6 +1,7 @@
 """The study scripts' bookkeeping: learning-curve points from a run's metrics lines."""
 
 import json
+import shutil
 
 import pytest
 import ray
@@ -159,6 +160,25 @@ def run_curve_then_study(tmp_path):
     study_opd.main(args)
     assert (tmp_path / "study" / "plateau" / "sft-s0" / "scores.json").stat().st_mtime == stamp
     assert json.loads((tmp_path / "study" / "table.json").read_text())["rows"] == table["rows"]
+    study_from_the_shipped_draft_with_a_record(tmp_path, curve, args)
+
+
+def study_from_the_shipped_draft_with_a_record(tmp_path, curve, args):
+    """The shipped start trains its continued-SFT arm on the corpus it names; its record folder keeps each arm's
+    results, so a clone whose runs/ is gone reads them back and trains nothing."""
+    record, out = tmp_path / "record", tmp_path / "study-shipped"
+    shipped = ["--starts", "shipped", "--shipped", str(curve / "sft" / "draft"), "--corpus", str(curve / "corpus")]
+    again = [*args, *shipped, "--arms", "sft", "--out", str(out), "--record", str(record)]
+    study_opd.main(again)
+    kept = json.loads((record / "shipped" / "sft-s0.json").read_text())
+    assert kept["steps"] == 4 and kept["start"] == "shipped" and (record / "shipped" / "start.json").exists()
+    config = (out / "shipped" / "sft-s0" / "config.yaml").read_text()
+    assert f"sft_corpus: {curve / 'corpus'}" in config and f"draft: {curve / 'sft' / 'draft'}" in config
+    shutil.rmtree(out)  # runs/ of a fresh clone: only the record is left
+    study_opd.main(again)
+    assert not (out / "shipped" / "sft-s0").exists()  # read back from the record, not trained again
+    assert json.loads((out / "table.json").read_text()) == json.loads((record / "table.json").read_text())
+    assert json.loads((record / "table.json").read_text())["runs"] == [kept]
 
 
 def test_ship_writes_a_loadable_bf16_draft_and_keeps_a_better_one(tmp_path, tiny_target):
