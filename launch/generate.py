@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
 
 from draft_opd.actors.prompts import load_prompts
@@ -100,6 +102,19 @@ def open_corpus(out: Path) -> ReplayBuffer:
             "directory"
         )
     return corpus
+
+
+def frequent_tokens(out: Path, n: int, vocab_size: int) -> torch.Tensor:
+    """The `n` target ids most frequent in the responses of the corpus at `out` (ties: the smaller id), the
+    draft vocabulary of an EAGLE-3 drafter trained on it; ids the responses never hold fill the rest, in order."""
+    with open_corpus(out) as corpus:
+        rows = [corpus.get(t) for t in corpus.traj_ids()]
+    if not rows:
+        raise ValueError(f"the corpus at {out} holds no trajectories: run `draft-opd generate` first")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for row in rows:
+        counts += np.bincount(np.asarray(row.input_ids[row.prompt_len :]), minlength=vocab_size)
+    return torch.from_numpy(np.argsort(-counts, kind="stable")[:n].astype(np.int64))
 
 
 def pending(

@@ -13,6 +13,9 @@ LOGP_FLOOR = -10.0  # Draft-OPD clamps log-probs here, so a vanishing p or q can
 LOSS_CAP = 10.0  # ... and each token's loss here
 LOG_RATIO_CLAMP = 20.0  # the reference clamps the rejected stream's log(p/q) here instead of flooring log-probs
 REJECTED_CLAMPS = ("reference", "floor")
+# a token outside a reduced draft vocabulary (logit -inf) gets this student log-prob in OPD's terms, so that a
+# masked entry costs 0 (not 0 x inf = NaN) and passes no gradient
+UNREACHABLE_LOGP = -1e4
 RESPONSE_KLS = ("bernoulli", "greedy")
 
 
@@ -40,9 +43,16 @@ def position_loss(
     [N, W, V], forward KL to them over the full vocabulary (soft labels). bf16 logits stay bf16 for the hard
     labels (the kernel accumulates in fp32): the softmax over the vocabulary is a third of a bf16 learner's step."""
     if teacher_logp is not None:
-        return forward_kl(teacher_logp.float(), torch.log_softmax(student_logits.float(), dim=-1))
+        student = torch.log_softmax(student_logits.float(), dim=-1)
+        return forward_kl(within_support(teacher_logp, student.isfinite()), student)
     ce = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), labels.flatten().long(), reduction="none")
-    return ce.view_as(labels).float()
+    return ce.view_as(labels).float().nan_to_num(posinf=0.0)  # a label outside a reduced draft vocabulary: masked
+
+
+def within_support(teacher_logp: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probs renormalised over `support` [..., V] (a reduced draft vocabulary: the tokens the
+    draft can propose); unchanged where the support is the whole vocabulary."""
+    return torch.log_softmax(teacher_logp.float().masked_fill(~support, float("-inf")), dim=-1)
 
 
 def dflash_sft_loss(
@@ -190,7 +200,7 @@ def topk_forward_kl(
 def full_forward_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Forward KL(p || q) over the full vocabulary, averaged over the mask: teacher_logp / student_logp
     [N, W, V], mask [N, W]."""
-    kl = forward_kl(teacher_logp.float(), student_logp)
+    kl = forward_kl(within_support(teacher_logp, student_logp > UNREACHABLE_LOGP), student_logp)
     return masked_weighted_mean(kl, torch.ones_like(kl), mask.float())
 
 

@@ -123,7 +123,8 @@ def sft_loss(
         masks.append(mask)
         if cfg.sft_targets == "soft":
             teachers.append(features.at_blocks(batch.input_ids[t], anchors, width))
-    logits, labels, mask = torch.cat(logits), torch.cat(labels), torch.cat(masks).float()
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    mask = torch.cat(masks).float() * logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).isfinite()
     teacher = torch.cat(teachers) if teachers else None
     if drafter.cfg.kind == "eagle3":
         loss = eagle3_sft_loss(logits, labels, mask, cfg.eagle_decay, teacher)

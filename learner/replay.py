@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from draft_opd.buffer import SampleBatch
+from draft_opd.learner.losses import UNREACHABLE_LOGP
 from draft_opd.speculative.drafter import Drafter
 from draft_opd.speculative.text_tau import text_labels
 
@@ -61,6 +62,12 @@ class ReplayTerms:
         return self.student_logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
+def student_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax (OPD's log-ratios need fp32), floored at UNREACHABLE_LOGP: tokens outside a reduced
+    draft vocabulary."""
+    return torch.log_softmax(logits.float(), dim=-1).clamp_min(UNREACHABLE_LOGP)
+
+
 def drafter_of(model) -> Drafter:
     """The drafter behind a DeepSpeed engine (or the drafter itself)."""
     return getattr(model, "module", model)
@@ -102,15 +109,22 @@ def replay(model, batch: SampleBatch, features: TargetSource) -> ReplayTerms:
     valid = torch.ones(len(batch), dtype=torch.bool)
     if drafter_of(model).cfg.kind == "eagle3":  # a chain needs one prefix pair before its anchor
         valid = torch.from_numpy(batch.anchor >= 1)
+    student = student_log_probs(torch.stack(logits))
+    committed = torch.from_numpy(batch.committed_tokens.astype(np.int64))
     return ReplayTerms(
-        student_logp=torch.log_softmax(torch.stack(logits).float(), dim=-1),  # OPD's log-ratios need fp32
-        committed_tokens=torch.from_numpy(batch.committed_tokens.astype(np.int64)),
-        committed_mask=torch.tensor(batch.committed_mask).float() * valid[:, None],
+        student_logp=student,
+        committed_tokens=committed,
+        committed_mask=torch.tensor(batch.committed_mask).float() * valid[:, None] * reachable(student, committed),
         teacher_committed_logp=torch.tensor(batch.committed_logprobs),
         draft_tokens=draft_tokens,
         rejected_mask=torch.tensor(batch.rejected_mask).float() * valid[:, None],
         teacher_draft_logp=torch.tensor(batch.draft_logprobs),
     )
+
+
+def reachable(student_logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[N, W] float: 1 where the draft can propose the token (always, but outside a reduced draft vocabulary)."""
+    return (student_logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) > UNREACHABLE_LOGP).float()
 
 
 def random_text_anchors(batch: SampleBatch, t: int, count: int, lowest: int, rng: np.random.Generator) -> torch.Tensor:
@@ -145,10 +159,11 @@ def replay_random_anchors(model, batch: SampleBatch, features: TargetSource, rng
     accepted = ((proposals == labels) & exists).long().cumprod(dim=1).sum(dim=1)
     committed = exists & (torch.arange(width)[None, :] <= accepted[:, None])
     none = torch.zeros(labels.shape)
+    student = student_log_probs(logits)
     return ReplayTerms(
-        student_logp=torch.log_softmax(logits.float(), dim=-1),
+        student_logp=student,
         committed_tokens=labels,
-        committed_mask=committed.float(),
+        committed_mask=committed.float() * reachable(student, labels),
         teacher_committed_logp=torch.where(committed, torch.cat(teacher).float(), 0.0),
         draft_tokens=proposals,
         rejected_mask=none,

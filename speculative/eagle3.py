@@ -77,6 +77,19 @@ class Eagle3Drafter(Drafter):
         with torch.no_grad():
             self.lm_head.weight.copy_(head.weight[:vocab])
 
+    @torch.no_grad()
+    def restrict_vocab(self, target_ids: torch.Tensor) -> None:
+        """Draft over `target_ids` alone (cfg.draft_vocab_size distinct target ids: EAGLE-3 and SpecForge take a
+        corpus's most frequent tokens), each head row started from the target's LM head row of its token."""
+        ids = torch.as_tensor(target_ids, dtype=torch.int64).sort().values
+        if ids.numel() != self.d2t.numel() or ids.unique().numel() != ids.numel():
+            raise ValueError(
+                f"a draft vocabulary needs {self.d2t.numel()} distinct target ids (draft.draft_vocab_size); "
+                f"got {ids.numel()} with {ids.unique().numel()} distinct"
+            )
+        self.d2t.copy_(ids)
+        self.lm_head.weight.copy_(self._shared[1].weight[ids].to(self.lm_head.weight.dtype))
+
     def step(
         self,
         tokens: torch.Tensor,

@@ -5,7 +5,7 @@ starts from such a draft. This measures how far that recipe gets on this machine
 resumable and skipped once done, so an interrupted `make curve` picks up where it stopped:
 
 1. `draft-opd generate`: the target's greedy answers to GSM8K training prompts, with stored features;
-2. `draft-opd train`: offline SFT on that corpus (bf16 learner, many anchors per row), checkpointed every
+2. `draft-opd train`: offline SFT on that corpus (fp32 learner, many anchors per row), checkpointed every
    200 steps and every checkpoint kept;
 3. held-out tau of the initial draft, of every checkpoint and of the final draft on the first 50 GSM8K test
    prompts x 128 new tokens, fp32 target, walked on the target's greedy text (`studies.text_eval`: the
@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from draft_opd.launch.config import load_config
-from draft_opd.launch.generate import generate_corpus
+from draft_opd.launch.config import Config, load_config
+from draft_opd.launch.generate import frequent_tokens, generate_corpus
 from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
 from draft_opd.launch.train import train
+from draft_opd.speculative.loading import make_drafter
+from draft_opd.speculative.target import load_target
 from draft_opd.studies.text_eval import TextScorer, checkpoint_states
 
 OUT = "runs/curve"  # DFlash's curve; another drafter kind's goes to runs/curve-KIND, on the same corpus
@@ -46,7 +48,7 @@ TRAIN = [
     f"train.sft_corpus={CORPUS}",
     "train.sft_steps=1500",
     "train.opd_steps=0",
-    "learner.dtype=bfloat16",
+    "learner.dtype=float32",  # bf16 GEMMs run 4x slower on CPUs without AVX512-BF16 (sft-curve.md)
     "learner.batch_size=256",
     "objective.sft_anchors_per_row=32",
     "learner.lr=1e-3",
@@ -179,6 +181,19 @@ def make_corpus(path: str, overrides: list[str], out: str | Path = CORPUS) -> st
     return str(out)
 
 
+def initial_draft(cfg: Config, out: Path) -> Path:
+    """An EAGLE-3 drafter over a reduced vocabulary (draft.draft_vocab_size) to train from: its head over the
+    corpus's most frequent response tokens (SpecForge's recipe), each row started from the target's; made once."""
+    if not (out / "model.safetensors").exists():
+        target = load_target(cfg.target)
+        drafter = make_drafter(cfg.draft.or_random(), target)
+        drafter.restrict_vocab(
+            frequent_tokens(Path(cfg.train.sft_corpus), cfg.draft.draft_vocab_size, target.vocab_size)
+        )
+        drafter.save(out)
+    return out
+
+
 def curve_dir(kind: str) -> str:
     return OUT if kind == "dflash" else f"{OUT}-{kind}"
 
@@ -188,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     path, overrides = (argv[0] if argv else "configs/smol.yaml"), argv[1:]
     make_corpus(path, overrides)
     kind = load_config(path, overrides).draft.kind
-    cfg = load_config(path, [f"train.out_dir={curve_dir(kind)}", *TRAIN, *overrides])
+    keys = [f"train.out_dir={curve_dir(kind)}", *TRAIN, *overrides]
+    cfg = load_config(path, keys)
+    if kind == "eagle3" and cfg.draft.draft_vocab_size and not cfg.draft.path:
+        cfg = load_config(path, [*keys, f"draft={initial_draft(cfg, Path(cfg.train.out_dir) / 'init-draft')}"])
     summary = train(cfg)
     out, run = Path(cfg.train.out_dir), RunDir(Path(cfg.train.out_dir) / cfg.name)
     scorer = TextScorer(lambda *keys: load_config(path, [*keys, *overrides]), out, CURVE_PROMPTS, CURVE_TOKENS)

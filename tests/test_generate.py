@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from draft_opd.actors.requests import Request
 from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
 from draft_opd.buffer import BufferConfig, ReplayBuffer, SegmentWarning, Trajectory
 from draft_opd.launch.config import load_config
-from draft_opd.launch.generate import generate_corpus
+from draft_opd.launch.generate import frequent_tokens, generate_corpus
 from draft_opd.learner.objective import ObjectiveConfig, phase_loss
 from draft_opd.learner.replay import TargetSource
 from draft_opd.speculative.decode import DecodeConfig, generate
@@ -193,3 +194,30 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, setup, overrides, messag
             "generate", "configs/tiny.yaml", f"generate.out={out}", "generate.max_new_tokens=8", *overrides
         )
     assert error.startswith("draft-opd generate: error: ") and re.search(message, error), error
+
+
+def test_an_eagle3_draft_vocabulary_is_the_corpus_most_frequent_response_tokens(tmp_path, tiny_target):
+    from draft_opd.speculative.drafter import DrafterConfig
+    from draft_opd.speculative.loading import build_drafter, load_drafter
+    from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
+
+    out, n = tmp_path / "corpus", 40
+    run(out, *SMALL)
+    counts = Counter(t for row in corpus(out).values() for t in row.input_ids[row.prompt_len :])
+    ids = frequent_tokens(out, n, tiny_target.vocab_size)
+    assert ids.tolist() == sorted(range(tiny_target.vocab_size), key=lambda t: (-counts[t], t))[:n]
+    assert len(counts) < n  # the responses hold fewer distinct tokens: the smallest unseen ids fill the rest
+    cfg = DrafterConfig(
+        kind="eagle3", num_layers=1, target_layer_ids=TINY_FEATURE_LAYERS, mask_token_id=TINY_MASK, draft_vocab_size=n
+    )
+    drafter = build_drafter(cfg, tiny_target)
+    drafter.restrict_vocab(ids)
+    vocab = ids.sort().values
+    assert torch.equal(drafter.d2t, vocab) and torch.equal(drafter.lm_head.weight, tiny_target.lm_head.weight[vocab])
+    logits = drafter.logits(torch.randn(3, drafter.cfg.hidden_size))
+    inside = torch.zeros(tiny_target.vocab_size, dtype=torch.bool).index_fill_(0, vocab, True)
+    assert torch.isfinite(logits[:, inside]).all() and torch.isneginf(logits[:, ~inside]).all()
+    drafter.save(tmp_path / "draft")
+    assert torch.equal(load_drafter(tmp_path / "draft", tiny_target).d2t, vocab)
+    with pytest.raises(ValueError, match="40 distinct target ids"):
+        drafter.restrict_vocab(torch.cat([ids[:-1], ids[:1]]))

@@ -279,3 +279,42 @@ def test_full_vocab_opd_is_the_forward_kl_at_the_committed_positions_of_prefix_p
         ObjectiveConfig(opd_variant="tv")
     with pytest.raises(ValueError, match="sft_targets must be one of"):
         ObjectiveConfig(sft_targets="teacher")
+
+
+def test_tokens_outside_a_reduced_draft_vocabulary_are_masked_never_nan():
+    """An EAGLE-3 head over 48 target ids cannot propose the rest: every objective masks such labels (hard SFT,
+    OPD's response stream), renormalises soft teachers over the 48, and stays finite, gradients included."""
+    from draft_opd.speculative.drafter import DrafterConfig
+    from draft_opd.speculative.loading import build_drafter
+
+    worker, buffer = rollouts("eagle3", 3)
+    batch, features = buffer.sample(8), TargetSource(worker.target)
+    cfg = DrafterConfig(
+        kind="eagle3",
+        block_size=5,
+        num_layers=1,
+        target_layer_ids=TINY_FEATURE_LAYERS,
+        mask_token_id=TINY_MASK,
+        draft_vocab_size=48,
+    )
+    drafter = build_drafter(cfg, worker.target)
+    committed = np.unique(batch.committed_tokens[batch.committed_mask])
+    drafter.restrict_vocab(
+        torch.from_numpy(np.setdiff1d(np.arange(worker.target.vocab_size), committed[: len(committed) // 2])[:48])
+    )
+    terms = replay(drafter, batch, features)
+    outside = ~torch.isin(terms.committed_tokens, drafter.d2t)
+    assert (outside & torch.from_numpy(batch.committed_mask)).any() and not terms.committed_mask[outside].any()
+    objectives = [
+        ("sft", ObjectiveConfig()),
+        ("sft", ObjectiveConfig(sft_targets="soft")),
+        ("opd", ObjectiveConfig()),
+        ("opd", ObjectiveConfig(response_kl="greedy", rejected_weight=0)),
+        ("opd", ObjectiveConfig(opd_variant="full", rejected_weight=0)),
+    ]
+    for phase, objective in objectives:
+        drafter.zero_grad()
+        out = phase_loss(phase, drafter, batch, features, objective, np.random.default_rng(0))
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]), (phase, objective)
+        assert all(torch.isfinite(p.grad).all() for p in drafter.parameters() if p.grad is not None)

@@ -209,6 +209,11 @@ def test_ship_writes_a_loadable_bf16_draft_and_keeps_a_better_one(tmp_path, tiny
 
 @pytest.mark.slow
 def test_an_eagle3_curve_goes_beside_dflash_on_the_same_corpus_and_ships_nothing(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from draft_opd.launch.generate import frequent_tokens
+
     monkeypatch.chdir(tmp_path)  # runs/ and models/ of the tool's defaults land here
     try:
         study_sft_curve.main(
@@ -216,6 +221,7 @@ def test_an_eagle3_curve_goes_beside_dflash_on_the_same_corpus_and_ships_nothing
                 "tiny",
                 "draft.kind=eagle3",
                 "draft.num_layers=1",
+                "draft.draft_vocab_size=64",
                 "generate.num_prompts=6",
                 "generate.max_new_tokens=32",
                 "train.sft_steps=2",
@@ -230,6 +236,10 @@ def test_an_eagle3_curve_goes_beside_dflash_on_the_same_corpus_and_ships_nothing
     config = (tmp_path / "runs" / "curve-eagle3" / "sft" / "config.yaml").read_text()
     assert "kind: eagle3" in config and "sft_corpus: runs/curve/corpus" in config
     assert not (tmp_path / "models").exists()  # an EAGLE-3 draft carries its own LM head: not shipped
+    # its head is over the corpus's 64 most frequent response tokens, chosen before training
+    assert "path: runs/curve-eagle3/init-draft" in config
+    trained = load_file(str(tmp_path / "runs" / "curve-eagle3" / "sft" / "draft" / "model.safetensors"))["d2t"]
+    assert torch.equal(trained, frequent_tokens(tmp_path / "runs" / "curve" / "corpus", 64, 320).sort().values)
 
 
 def test_a_study_at_t1_rolls_out_scores_and_decodes_at_t1_with_seeds():
