@@ -77,7 +77,7 @@ bench-rollout: smol  # sequential B=1, 4, 16 against parallel rollouts, with the
 bench-learner: smol
 	$(BIN)/python -m draft_opd.perf.learner configs/smol.yaml
 
-curve: smol  # about 2 hours; shorter: CURVE_ARGS="generate.num_prompts=1024 train.sft_steps=800"; EAGLE-3: CURVE_ARGS="draft.kind=eagle3 draft.num_layers=1"
+curve: smol  # about 2 hours; shorter: CURVE_ARGS="generate.num_prompts=1024 train.sft_steps=800"; EAGLE-3: CURVE_ARGS="draft.kind=eagle3 draft.num_layers=1 draft.draft_vocab_size=8192"
 	$(BIN)/python -m draft_opd.studies.sft_curve configs/smol.yaml $(CURVE_ARGS)
 
 study: smol  # the whole grid by default; e.g. make study STUDY_ARGS="--starts plateau --arms sft,opd --seeds 0"
