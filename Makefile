@@ -33,8 +33,13 @@ test-slow: setup
 smol: setup
 	$(BIN)/draft-opd smol
 
+# make run: the target's greedy answers to 128 GSM8K training prompts (a corpus, made once), 400 offline SFT steps
+# on it, then 40 Draft-OPD steps on the rollouts of two actors
+RUN_CORPUS := runs/smol-corpus
 run: smol
-	$(BIN)/draft-opd train configs/smol.yaml resume=auto
+	$(BIN)/draft-opd generate configs/smol.yaml generate.out=$(RUN_CORPUS) generate.num_prompts=128 \
+		generate.batch_size=64 generate.store_features=true
+	$(BIN)/draft-opd train configs/smol.yaml train.sft_corpus=$(RUN_CORPUS) resume=auto
 
 # the shipped draft (make curve); DRAFT=runs/smol/draft for the make run one
 DRAFT ?= models/smol-dflash
