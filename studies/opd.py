@@ -77,7 +77,8 @@ class Study:
     record: str = ""  # a folder that keeps every finished arm's results (see the module's docstring); "": none
     steps: int = 100  # learner steps of every arm
     text_prompts: int = 100  # prompts per benchmark of the text-walked tau
-    decode_prompts: int = 10  # GSM8K prompts of the decoded evaluation (speedup, lossless): ~3 min a draft here
+    # GSM8K prompts of the decoded evaluation (speedup, lossless): ~3 min a draft here; 0: none
+    decode_prompts: int = 10
     max_new_tokens: int = 128
     # the serving temperature the arms train for: T > 0 rolls out (sequentially) and scores at T, the held-out
     # texts and the decoded evaluation at `sampling_seeds` seeds per prompt
@@ -124,8 +125,11 @@ def sft_corpus(study: Study, start: str) -> str:
     return load_config(study.curve_run / "config.yaml").train.sft_corpus
 
 
-def decoded(study: Study, draft: Path, out: Path) -> dict:
-    """`draft-opd eval` of a draft on Study.decode_prompts GSM8K prompts, saved at `out`."""
+def decoded(study: Study, draft: Path, out: Path) -> dict | None:
+    """`draft-opd eval` of a draft on Study.decode_prompts GSM8K prompts, saved at `out`; None with 0 prompts (at
+    T = 0 text-walked tau already equals decoded tau, so a large grid may skip the decoding)."""
+    if not study.decode_prompts:
+        return None
     if not out.exists():
         run_eval(
             study.load(
@@ -208,41 +212,80 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
+def paired_gain(group: list[dict], baseline: list[dict], benchmark: str) -> tuple[float, float | None] | None:
+    """(mean, 95 % t-interval half-width) of an arm's per-seed tau difference to the baseline arm on `benchmark`,
+    paired by seed over the seeds both ran; no width from one seed, None from none."""
+    base = {r["seed"]: r["text"][benchmark]["tau_mean"] for r in baseline}
+    diffs = [r["text"][benchmark]["tau_mean"] - base[r["seed"]] for r in group if r["seed"] in base]
+    if len(diffs) < 2:
+        return (diffs[0], None) if diffs else None
+    from scipy import stats  # a dev dependency, as matplotlib for the plots
+
+    return statistics.fmean(diffs), float(stats.t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(
+        diffs
+    ) ** 0.5
+
+
+def gain_cell(gain: tuple[float, float | None] | None) -> str:
+    if gain is None:
+        return "-"
+    return f"{gain[0]:+.3f}" + ("" if gain[1] is None else f" +- {gain[1]:.3f}")
+
+
+def decoded_cells(tau: float | None, speedup: float | None, lossless: bool | None) -> str:
+    """The decoded evaluation's cells, dashes where the study decoded nothing (--decode-prompts 0)."""
+    if tau is None:
+        return "- | - | -"
+    return f"{tau:.2f} | {speedup:.2f}x | {str(lossless).lower()}"
+
+
+def arm_row(start: str, arm: str, group: list[dict], baseline: list[dict], benchmarks: list[str]) -> dict:
+    """A (start, arm) row: tau per benchmark as mean +- half the range over seeds, the gain over the
+    baseline (continued SFT), the decoded evaluation and the cost axes."""
+    row = {"start": start, "arm": arm, "seeds": [r["seed"] for r in group]}
+    for b in benchmarks:
+        row[f"tau_{b}"] = spread([r["text"][b]["tau_mean"] for r in group])
+        row[f"vs_sft_{b}"] = None if arm == "sft" else paired_gain(group, baseline, b)
+    dec = [r["decoded"] for r in group]
+    row["decoded_tau_gsm8k"] = spread([d["tau_mean"] for d in dec]) if all(dec) else None
+    row["speedup_gsm8k"] = spread([d["speedup"] for d in dec]) if all(dec) else None
+    row["lossless"] = all(d["lossless"] for d in dec) if all(dec) else None
+    for key in ("steps", "verify_steps", "train_s"):
+        row[key] = statistics.fmean(r[key] for r in group)
+    return row
+
+
 def table(results: list[dict], starts: dict[str, dict]) -> tuple[list[dict], str]:
     """A row per start draft and per (start, arm); `starts` maps a start to its score_draft."""
     benchmarks = sorted({b for r in [*results, *starts.values()] for b in r["text"]})
+    first = TEXT[0] if TEXT[0] in benchmarks else benchmarks[0]
     lines = [
         "| start | arm | seeds | "
         + " | ".join(f"tau {b}" for b in benchmarks)
-        + " | decoded tau (gsm8k) | speedup | lossless | learner steps | target verify passes | train min |",
-        "|" + "---|" * (len(benchmarks) + 9),
+        + f" | {first} vs sft (95% CI) | decoded tau (gsm8k) | speedup | lossless | learner steps | "
+        "target verify passes | train min |",
+        "|" + "---|" * (len(benchmarks) + 10),
     ]
     for start, scores in starts.items():
         cells = [f"{scores['text'][b]['tau_mean']:.3f}" for b in benchmarks]
-        dec = scores["decoded"]
+        dec = scores["decoded"] or {}
         lines.append(
-            f"| {start} | (start draft) | - | " + " | ".join(cells) + f" | {dec['tau_mean']:.2f} | "
-            f"{dec['speedup']:.2f}x | {str(dec['lossless']).lower()} | 0 | 0 | 0 |"
+            f"| {start} | (start draft) | - | " + " | ".join(cells) + " | - | "
+            f"{decoded_cells(dec.get('tau_mean'), dec.get('speedup'), dec.get('lossless'))} | 0 | 0 | 0 |"
         )
     rows = []
     for start, arm in dict.fromkeys((r["start"], r["arm"]) for r in results):
         group = [r for r in results if (r["start"], r["arm"]) == (start, arm)]
-        row = {"start": start, "arm": arm, "seeds": [r["seed"] for r in group]}
-        for b in benchmarks:
-            row[f"tau_{b}"] = spread([r["text"][b]["tau_mean"] for r in group])
-        row["decoded_tau_gsm8k"] = spread([r["decoded"]["tau_mean"] for r in group])
-        row["speedup_gsm8k"] = spread([r["decoded"]["speedup"] for r in group])
-        row["lossless"] = all(r["decoded"]["lossless"] for r in group)
-        for key in ("steps", "verify_steps", "train_s"):
-            row[key] = statistics.fmean(r[key] for r in group)
+        baseline = [r for r in results if (r["start"], r["arm"]) == (start, "sft")]
+        row = arm_row(start, arm, group, baseline, benchmarks)
         rows.append(row)
         cells = [f"{row[f'tau_{b}'][0]:.3f} +- {row[f'tau_{b}'][1]:.3f}" for b in benchmarks]
+        tau, speedup = (row[k][0] if row[k] else None for k in ("decoded_tau_gsm8k", "speedup_gsm8k"))
         lines.append(
             f"| {start} | {arm} | {len(group)} | "
             + " | ".join(cells)
-            + f" | {row['decoded_tau_gsm8k'][0]:.2f} | {row['speedup_gsm8k'][0]:.2f}x | "
-            f"{str(row['lossless']).lower()} | {row['steps']:.0f} | {row['verify_steps']:.0f} | "
-            f"{row['train_s'] / 60:.1f} |"
+            + f" | {gain_cell(row[f'vs_sft_{first}'])} | {decoded_cells(tau, speedup, row['lossless'])} | "
+            f"{row['steps']:.0f} | {row['verify_steps']:.0f} | {row['train_s'] / 60:.1f} |"
         )
     return rows, "\n".join(lines) + "\n"
 

@@ -66,10 +66,25 @@ def test_study_table_gives_mean_and_half_range_over_seeds():
     assert row["speedup_gsm8k"] == pytest.approx((1.3, 0.1))
     assert (row["verify_steps"], row["train_s"]) == (400, 900)
     lines = markdown.splitlines()
-    assert lines[2] == "| plateau | (start draft) | - | 1.900 | 0.900 | 2.00 | 1.10x | true | 0 | 0 | 0 |"
+    assert lines[2] == "| plateau | (start draft) | - | 1.900 | 0.900 | - | 2.00 | 1.10x | true | 0 | 0 | 0 |"
     assert lines[3] == (
-        "| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | 2.30 | 1.30x | true | 100 | 400 | 15.0 |"
+        "| plateau | opd | 2 | 2.200 +- 0.200 | 1.200 +- 0.200 | - | 2.30 | 1.30x | true | 100 | 400 | 15.0 |"
     )
+
+
+def test_an_arms_gain_over_continued_sft_is_paired_by_seed_with_a_t_interval():
+    """Gains 0.10, 0.30, 0.20 over the sft arm's seeds: mean 0.2, sd 0.1, t(0.975, 2) = 4.303 -> +- 0.248; seed 3
+    has no sft pair and is left out. Without decoding the decoded cells are dashes."""
+    sft = [{**arm(s, tau, 1.0, 0), "arm": "sft", "decoded": None} for s, tau in enumerate([2.0, 2.1, 2.2])]
+    opd = [{**arm(s, tau, 1.0, 9), "decoded": None} for s, tau in enumerate([2.1, 2.4, 2.4, 9.0])]
+    rows, markdown = table([*sft, *opd], {"plateau": {**scores(1.9, 1.1), "decoded": None}})
+    assert rows[0]["vs_sft_gsm8k"] is None and rows[0]["decoded_tau_gsm8k"] is None
+    mean, half = rows[1]["vs_sft_gsm8k"]
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)
+    line = markdown.splitlines()[4]
+    assert line.startswith("| plateau | opd | 4 |") and "| +0.200 +- 0.248 | - | - | - |" in line
+    one = table([sft[0], opd[0]], {})[0][1]["vs_sft_humaneval"]
+    assert one[0] == pytest.approx(0.1) and one[1] is None  # one pair: a gain, no interval
 
 
 TINY_EVALS = [
