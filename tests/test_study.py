@@ -188,7 +188,7 @@ def study_from_the_shipped_draft_with_a_record(tmp_path, curve, args):
     kept = json.loads((record / "shipped" / "sft-s0.json").read_text())
     assert kept["steps"] == 4 and kept["start"] == "shipped" and (record / "shipped" / "start.json").exists()
     config = (out / "shipped" / "sft-s0" / "config.yaml").read_text()
-    assert f"sft_corpus: {curve / 'corpus'}" in config and f"draft: {curve / 'sft' / 'draft'}" in config
+    assert f"sft_corpus: {curve / 'corpus'}" in config and f"path: {curve / 'sft' / 'draft'}" in config
     shutil.rmtree(out)  # runs/ of a fresh clone: only the record is left
     study_opd.main(again)
     assert not (out / "shipped" / "sft-s0").exists()  # read back from the record, not trained again
