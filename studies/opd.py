@@ -297,7 +297,8 @@ def plot(results: list[dict], start: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
-    colors = dict(zip(ARMS, plt.get_cmap("tab10").colors))  # one colour per arm, a line style per seed
+    palette = plt.get_cmap("tab20").colors  # one colour per arm (more arms than colours reuse them), a style per seed
+    colors = {arm: palette[i % len(palette)] for i, arm in enumerate(ARMS)}
     styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
     runs = [r for r in results if r["start"] == start]
     seeds = sorted({r["seed"] for r in runs})

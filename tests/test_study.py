@@ -72,6 +72,11 @@ def test_study_table_gives_mean_and_half_range_over_seeds():
     )
 
 
+def test_every_arm_gets_a_colour_in_the_plot(tmp_path):
+    runs = [{**arm(0, 2.0, 1.0, 0), "arm": name, "curve": [(0, 0.0, 1.9), (10, 60.0, 2.0)]} for name in study_opd.ARMS]
+    assert study_opd.plot(runs, "plateau", tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_an_arms_gain_over_continued_sft_is_paired_by_seed_with_a_t_interval():
     """Gains 0.10, 0.30, 0.20 over the sft arm's seeds: mean 0.2, sd 0.1, t(0.975, 2) = 4.303 -> +- 0.248; seed 3
     has no sft pair and is left out. Without decoding the decoded cells are dashes."""
