@@ -8,7 +8,6 @@ without the lost rank). Each rank gets `LOCAL_RANK=0`, since Ray shows it only i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import ray
@@ -73,7 +72,7 @@ class LearnerGroup:
             for rank in range(cfg.learner.world_size)
         ]
 
-    def call(self, method: str, *args, what: str, while_waiting: Callable[[], None] = lambda: time.sleep(0.2)) -> list:
+    def call(self, method: str, *args, what: str, while_waiting: Callable[[], None] = lambda: None) -> list:
         """Every rank's result of `method(*args)`; a wait past learner.timeout_s is reported and retried,
         then a LearnerFault. A learner starved of samples stops the job instead (StageTimeout)."""
         refs = [getattr(rank, method).remote(*args) for rank in self.ranks]

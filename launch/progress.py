@@ -21,11 +21,18 @@ class StageTimeout(TimeoutError):
 
 
 def wait_all(
-    refs: list, what: str, timeout_s: float, key: str, while_waiting: Callable[[], None] = lambda: time.sleep(0.2)
+    refs: list,
+    what: str,
+    timeout_s: float,
+    key: str,
+    while_waiting: Callable[[], None] = lambda: None,
+    poll_s: float = 0.2,
 ) -> list:
-    """All results of `refs`, calling `while_waiting` meanwhile; `key` is the setting that sets the deadline."""
+    """All results of `refs`, calling `while_waiting` (work that must not block) every `poll_s` meanwhile;
+    `key` is the setting that sets the deadline. The wait itself blocks in ray.wait, so it returns the moment
+    the last result lands: a sleep between polls would round every learner step up to its interval."""
     deadline = time.monotonic() + timeout_s
-    while len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+    while len(ray.wait(refs, num_returns=len(refs), timeout=poll_s)[0]) < len(refs):
         if time.monotonic() > deadline:
             raise StageTimeout(
                 f"{what}: not done after {key}={timeout_s:g} s; check the actors' logs "

@@ -53,14 +53,11 @@ class RolloutFleet:
         The buffer's ids go to the actor as an object ref: the driver does not wait for them."""
         self.pending[self.actors[i].restore.remote(self.positions[i], self.buffer.traj_ids.remote())] = (i, "restore")
 
-    def harvest(self, wait_s: float = 0.0) -> None:
-        """Collect finished calls (waiting up to `wait_s` for one) and start each actor's next rollout."""
-        if not self.pending:  # offline SFT: nothing in flight, and ray.wait([]) returns at once (a busy loop)
-            time.sleep(wait_s)
+    def harvest(self) -> None:
+        """Collect finished calls and start each actor's next rollout; never blocks (the caller's wait does)."""
+        if not self.pending:  # offline SFT: nothing in flight
             return
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=wait_s)
-        if ready:
-            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         for ref in ready:
             i, call = self.pending.pop(ref)
             try:

@@ -208,7 +208,7 @@ class Job:
 
     def call_learners(self, method: str, *args, what: str) -> list:
         """Every learner rank's result; rollouts go on meanwhile (they feed the samples waited on)."""
-        return self.learners.call(method, *args, what=what, while_waiting=lambda: self.fleet.harvest(wait_s=0.2))
+        return self.learners.call(method, *args, what=what, while_waiting=self.fleet.harvest)
 
     def publish(self) -> float:
         """Gather the full draft weights and hand them to the rollout actors as the next version."""

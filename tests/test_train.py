@@ -244,13 +244,24 @@ def test_a_missing_corpus_is_refused_at_load(tmp_path):
         load_config("configs/tiny.yaml", [f"train.sft_corpus={tmp_path}"])
 
 
-def test_a_fleet_with_nothing_in_flight_waits_instead_of_spinning():
-    """During offline SFT no rollout is in flight; ray.wait([]) returns at once, so harvest must sleep its wait
-    (a driver polling it in a loop burnt a third of a core and slowed the learner 1.7x)."""
-    from draft_opd.launch.rollout_fleet import RolloutFleet
+def test_waiting_on_the_learners_returns_the_moment_they_finish_and_never_spins():
+    """The driver's wait blocks in ray.wait: a sleep between polls rounded every learner step up to the
+    poll interval (0.85 s steps took 1.2 s), and a loop without a blocking wait burnt a core."""
+    from draft_opd.launch.progress import wait_all
 
-    fleet = RolloutFleet.__new__(RolloutFleet)  # no actors: only the wait is under test
-    fleet.pending = {}
-    start = time.perf_counter()
-    fleet.harvest(wait_s=0.3)
-    assert time.perf_counter() - start >= 0.3
+    @ray.remote
+    def learner_step():
+        time.sleep(0.5)
+        return 7
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        calls = []
+        start = time.perf_counter()
+        assert wait_all([learner_step.remote()], "a step", 120, "key", lambda: calls.append(1), poll_s=60) == [7]
+        assert time.perf_counter() - start < 60 and calls == []  # back before its first poll ended
+        calls.clear()
+        assert wait_all([learner_step.remote()], "a step", 120, "key", lambda: calls.append(1), poll_s=0.05) == [7]
+        assert 1 <= len(calls) <= 1000  # polled while waiting, not a busy loop (tens of thousands)
+    finally:
+        ray.shutdown()
