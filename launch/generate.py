@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from rich.console import Console
 
 from draft_opd.actors.prompts import load_prompts
@@ -159,6 +160,7 @@ def generate_corpus(cfg: Config, console: Console | None = None) -> dict[str, ob
     check_out(plan.out)
     convs = load_prompts(plan.prompts, plan.num_prompts, key="generate.prompts")  # bad prompts fail before loading
     console.print(f"loading target ({cfg.target.testbed or cfg.target.path}) ...")
+    transformers.logging.disable_progress_bar()  # the line above says it; the job's one progress line follows
     target = feature_target(cfg, plan.decode.keep_features)
     with open_corpus(plan.out) as corpus:
         todo, total = pending(target, convs, cfg.target.thinking, plan, set(corpus.traj_ids()))
@@ -172,11 +174,11 @@ def generate_corpus(cfg: Config, console: Console | None = None) -> dict[str, ob
             decoded = decode_requests(target, None, plan.decode, plan.batch_size, todo)
             for count, (request, result) in enumerate(decoded, 1):
                 corpus.insert(to_trajectory(result, request.traj_id, request.prompt_id, 0, ACTOR_ID))
-                if count % plan.batch_size == 0:
-                    corpus.flush()
                 tokens += result.num_new_tokens
-                rate = tokens / (time.perf_counter() - start)
-                progress.update(done + count, status=f"{rate:.1f} tok/s")
+                if count % plan.batch_size == 0 or count == len(todo):  # a batch's rows land together
+                    corpus.flush()
+                    rate = tokens / (time.perf_counter() - start)
+                    progress.update(done + count, status=f"{rate:.1f} tok/s")  # no ETA from one row of a batch
         size = len(corpus)
     elapsed = time.perf_counter() - start
     summary = {
