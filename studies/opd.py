@@ -179,8 +179,9 @@ def run_arm(
     if phase == "sft":  # on the corpus the start draft was trained on
         corpus = sft_corpus(study, start)
         phases = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
-    else:
-        phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
+    else:  # at T = 0 the rollouts take the greedy texts of the same corpus instead of decoding them again
+        texts = [f"rollout.text_corpus={sft_corpus(study, start)}"] if study.temperature == 0 else []
+        phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null", *texts]
     cfg = study.load(
         *COMMON,
         *phases,
