@@ -175,11 +175,13 @@ class ReplayBuffer:
         learner_version: int | None = None,
         timeout_s: float | None = None,
         max_staleness: int | None = None,
+        blocks_per_row: int = 1,
     ) -> SampleBatch:
         """Draw `batch_size` blocks by the configured policy, waiting for the rate limiter and for fresh data.
 
         `max_staleness` overrides the configured bound for this call (an on-policy phase wants a
-        tighter one); `learner_version` is required when a bound is set.
+        tighter one); `learner_version` is required when a bound is set. `blocks_per_row` > 1 draws
+        the rows first and then that many steps in each (see `Sampler.sample`).
         """
         min_version = self._min_version_for(
             learner_version, self.config.max_staleness if max_staleness is None else max_staleness
@@ -195,7 +197,7 @@ class ReplayBuffer:
                 f"sample({batch_size})",
                 lambda: self._sample_blocked_reason(batch_size),
             )
-            batch = self._sampler.sample(self._store, batch_size, min_version)
+            batch = self._sampler.sample(self._store, batch_size, min_version, blocks_per_row)
             self._limiter.sampled += batch_size
             self._cond.notify_all()
         return batch

@@ -139,10 +139,17 @@ class Sampler:
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, store: TrajectoryStore, n: int, min_version: int | None) -> SampleBatch:
+    def sample(self, store: TrajectoryStore, n: int, min_version: int | None, blocks_per_row: int = 1) -> SampleBatch:
+        """n blocks; with `blocks_per_row` k > 1, ceil(n / k) rows drawn by weight and k steps drawn in each
+        (the last row fewer), so a learner that replays a row's blocks together passes fewer contexts. The step
+        draw inside a row is the same either way, so each block's distribution is unchanged; only the blocks of
+        one batch are no longer independent."""
+        if blocks_per_row < 1:
+            raise ValueError(f"blocks_per_row must be >= 1 (got {blocks_per_row})")
         row_weight = store.eligible_weights(min_version)
         cum = np.cumsum(row_weight)
-        rows = store.rows.start + np.searchsorted(cum, self.rng.integers(0, cum[-1], n), side="right")
+        drawn = np.searchsorted(cum, self.rng.integers(0, cum[-1], -(-n // blocks_per_row)), side="right")
+        rows = store.rows.start + np.repeat(drawn, blocks_per_row)[:n]
         target = store.rows.take("weight0", rows) + self.rng.integers(0, store.rows.take("weight", rows))
         steps = store.steps.start + np.searchsorted(store.steps.live("cum_weight"), target, side="right")
         return _gather(store, rows, steps)

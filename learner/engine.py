@@ -241,11 +241,10 @@ class Learner:
 
     def step(self, phase: str, learner_version: int) -> dict[str, float]:
         """Sample this rank's batch from the buffer and take one step."""
-        staleness = self.objective.opd_max_staleness if phase == "opd" else None  # on-policy: recent drafts only
-        per_row = 1 if phase == "opd" else self.objective.sft_anchors_per_row  # SFT draws these anchors per row
-        rows = -(-self.cfg.batch_size // per_row)
+        size, per_row, staleness = sample_request(phase, self.cfg.batch_size, self.objective)
         batch = ray.get(
-            self.buffer.sample.remote(rows, learner_version, max_staleness=staleness), timeout=self.cfg.timeout_s
+            self.buffer.sample.remote(size, learner_version, max_staleness=staleness, blocks_per_row=per_row),
+            timeout=self.cfg.timeout_s,
         )
         metrics = self.train_step(phase, batch)
         metrics["staleness"] = float(np.mean(learner_version - batch.draft_version[batch.traj_index]))
@@ -290,6 +289,14 @@ class Learner:
         snapshot = type(drafter)(drafter.cfg, *drafter._shared)
         snapshot.load_state_dict(state)
         return str(snapshot.save(path))
+
+
+def sample_request(phase: str, batch_size: int, objective: ObjectiveConfig) -> tuple[int, int, int | None]:
+    """(blocks, blocks per row, staleness bound) of a step's buffer call: OPD draws its batch_size blocks from
+    recent drafts, objective.opd_blocks_per_row to a row; SFT draws rows and its own anchors in each."""
+    if phase == "opd":
+        return batch_size, objective.opd_blocks_per_row, objective.opd_max_staleness
+    return -(-batch_size // objective.sft_anchors_per_row), 1, None
 
 
 LearnerActor = ray.remote(Learner)

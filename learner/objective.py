@@ -57,6 +57,9 @@ class ObjectiveConfig:
     # batch_size / this rows, so one row's target features serve many blocks (DFlash trains many anchors per
     # sequence); 1 draws one anchor per sampled block
     sft_anchors_per_row: int = 1
+    # OPD's blocks drawn from each sampled row (its verify steps, by the buffer's policy, with replacement): for
+    # the same reason, one row's features and one drafter pass over its context serve all of them
+    opd_blocks_per_row: int = 1
     # SFT's labels: hard (the text's tokens: the DFlash/EAGLE-3 recipe) or soft (forward KL to the target's full
     # distribution at each label position, from one target pass per sampled row)
     sft_targets: str = "hard"
@@ -80,8 +83,9 @@ class ObjectiveConfig:
                 f"objective.rejected_weight and objective.sft_mix must be >= 0 "
                 f"(got {self.rejected_weight}, {self.sft_mix})"
             )
-        if self.sft_anchors_per_row < 1:
-            raise ValueError(f"objective.sft_anchors_per_row must be >= 1 (got {self.sft_anchors_per_row})")
+        for key in ("sft_anchors_per_row", "opd_blocks_per_row"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"objective.{key} must be >= 1 (got {getattr(self, key)})")
         if self.rejected_clamp not in REJECTED_CLAMPS:
             raise ValueError(f"objective.rejected_clamp must be one of {REJECTED_CLAMPS} (got {self.rejected_clamp!r})")
         if self.response_kl not in RESPONSE_KLS:

@@ -29,7 +29,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from draft_opd.launch.config import load_config
@@ -118,10 +118,16 @@ def recorded(study: Study, name: str, compute) -> dict:
     return cached(Path(study.record) / name, compute) if study.record else compute()
 
 
+@cache
+def shipped_corpus(config: str, overrides: tuple[str, ...], out: str) -> str:
+    """make_corpus once a process (each call loads the target and reads the whole corpus to find it complete)."""
+    return make_corpus(config, list(overrides), out)
+
+
 def sft_corpus(study: Study, start: str) -> str:
     """The corpus of the start draft's offline SFT, which the continued-SFT arm trains on."""
     if start == "shipped":
-        return make_corpus(study.config, study.overrides, study.corpus)  # a no-op where it is complete
+        return shipped_corpus(study.config, tuple(study.overrides), str(study.corpus))
     return load_config(study.curve_run / "config.yaml").train.sft_corpus
 
 
@@ -179,8 +185,9 @@ def run_arm(
     if phase == "sft":  # on the corpus the start draft was trained on
         corpus = sft_corpus(study, start)
         phases = [f"train.sft_steps={study.steps}", "train.opd_steps=0", f"train.sft_corpus={corpus}"]
-    else:
-        phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null"]
+    else:  # at T = 0 the rollouts take the greedy texts of the same corpus instead of decoding them again
+        texts = [f"rollout.text_corpus={sft_corpus(study, start)}"] if study.temperature == 0 else []
+        phases = ["train.sft_steps=0", f"train.opd_steps={study.steps}", "train.sft_corpus=null", *texts]
     cfg = study.load(
         *COMMON,
         *phases,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draft_opd.launch.config import Config, load_config
-from draft_opd.launch.generate import frequent_tokens, generate_corpus
+from draft_opd.launch.generate import frequent_tokens
 from draft_opd.launch.run_dir import RunDir, step_records, training_seconds
 from draft_opd.launch.train import train
 from draft_opd.speculative.loading import make_drafter
@@ -175,9 +176,13 @@ def plot(points: list[dict], title: str, out: Path) -> Path:
 
 def make_corpus(path: str, overrides: list[str], out: str | Path = CORPUS) -> str:
     """The curve's corpus at `out` by its recipe (GENERATE): made, or completed where a run stopped; the study's
-    continued-SFT arms from the shipped draft train on it too."""
+    arms from the shipped draft use it too. `draft-opd generate` makes it in a child process, so that its memory
+    goes back to the system before the training runs that follow in this one: decoding in-process left the
+    allocator holding gigabytes, and Ray's memory monitor then killed those runs' rollout actors."""
     keys = [f"generate.out={out}", *GENERATE, *overrides, "train.sft_corpus=null"]  # null: the corpus to be made
-    generate_corpus(load_config(path, keys))
+    job = subprocess.run([sys.executable, "-m", "draft_opd.launch.generate", path, *keys])
+    if job.returncode != 0:
+        raise SystemExit(f"making the corpus {out} failed (exit {job.returncode}; its error is above)")
     return str(out)
 
 

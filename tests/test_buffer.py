@@ -507,20 +507,35 @@ def test_every_sampled_item_matches_the_recorded_accepts_and_rejections():
     assert (batch.committed_tokens[batch.accepted_mask] == batch.draft_tokens[batch.accepted_mask]).all()
 
 
+@pytest.mark.parametrize("blocks_per_row", [1, 8])
 @pytest.mark.parametrize("policy", ["uniform", "rejection"])
-def test_policy_frequencies(policy):
+def test_policy_frequencies(policy, blocks_per_row):
+    """Drawing several blocks per row leaves each block's distribution as it was."""
     # steps reject 5, 0, 3 proposals; trajectory "long" has twice the anchors of "short".
     buf = ReplayBuffer(BufferConfig(sample_policy=policy, seed=3))
     buf.insert(make_traj("short", [0, 5, 2]))
     buf.insert(make_traj("long", [0, 5, 2, 0, 5, 2]))
-    n = 30_000
-    batch = buf.sample(n)
+    n, tolerance = 30_000, 0.015 * np.sqrt(blocks_per_row)  # rows drawn: n / blocks_per_row
+    batch = buf.sample(n, blocks_per_row=blocks_per_row)
     rejected = batch.n_draft - batch.accept_len
     weights = {5: 1, 0: 1, 3: 1} if policy == "uniform" else {5: 6, 0: 1, 3: 4}
     for r, w in weights.items():  # each rejection count occurs at 3 of the 9 steps
         assert np.mean(rejected == r) == pytest.approx(w / sum(weights.values()), abs=0.015)
     long_share = np.mean(np.array(batch.traj_ids)[batch.traj_index] == "long")
-    assert long_share == pytest.approx(2 / 3, abs=0.015)
+    assert long_share == pytest.approx(2 / 3, abs=tolerance)
+
+
+def test_blocks_per_row_draws_the_rows_then_that_many_steps_in_each():
+    buf = ReplayBuffer(BufferConfig(seed=5))
+    for i in range(6):
+        buf.insert(make_traj(f"t{i}", [i % 3, 4, 1, 0, 2]))
+    batch = buf.sample(18, blocks_per_row=4)
+    assert len(batch) == 18 and buf.stats()["sampled"] == 18  # the rate limiter counts blocks, as before
+    runs = [batch.traj_index[i : i + 4] for i in range(0, 18, 4)]  # 4, 4, 4, 4 and the last row's 2
+    assert [len(r) for r in runs] == [4, 4, 4, 4, 2] and all(len(set(r.tolist())) == 1 for r in runs)
+    assert len(set(batch.step.tolist())) > 1  # steps are drawn inside each row, not one step repeated
+    with pytest.raises(ValueError, match="blocks_per_row must be >= 1"):
+        buf.sample(4, blocks_per_row=0)
 
 
 def test_sampling_is_reproducible_and_restored_by_state_dict():

@@ -9,7 +9,7 @@ import torch
 
 from draft_opd.actors.rollout import RolloutConfig, RolloutWorker
 from draft_opd.buffer import BufferConfig, ReplayBuffer
-from draft_opd.learner.engine import Learner, LearnerActor, LearnerConfig, free_port
+from draft_opd.learner.engine import Learner, LearnerActor, LearnerConfig, free_port, sample_request
 from draft_opd.learner.objective import ObjectiveConfig
 from draft_opd.speculative.loading import DraftSpec
 from draft_opd.speculative.target import TargetConfig
@@ -199,3 +199,13 @@ def test_a_bf16_engine_trains_what_an_fp32_engine_trains(batches, phase):
         moved[dtype] = torch.cat([(weights[k] - initial[k]).flatten() for k in sorted(initial)])
     assert moved["float32"].norm() > 0
     assert (moved["bfloat16"] - moved["float32"]).norm() < 0.3 * moved["float32"].norm()
+
+
+def test_a_step_asks_the_buffer_for_blocks_per_row_in_opd_and_for_rows_in_sft():
+    """OPD draws its batch's blocks several to a row (one drafter pass over each row's context serves them) from
+    recent drafts; SFT draws batch_size / sft_anchors_per_row rows and picks its own anchors in them."""
+    objective = ObjectiveConfig(opd_blocks_per_row=8, opd_max_staleness=2, sft_anchors_per_row=16)
+    assert sample_request("opd", 64, objective) == (64, 8, 2)
+    assert sample_request("sft", 64, objective) == (4, 1, None)
+    assert sample_request("sft", 20, objective) == (2, 1, None)  # rounded up: never fewer blocks than asked
+    assert sample_request("opd", 16, ObjectiveConfig()) == (16, 1, None)  # the default: one block a row

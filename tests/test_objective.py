@@ -135,6 +135,8 @@ def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():
     assert 0 < many["tokens"].item() <= 10 * width and many["tokens"].item() > one["tokens"].item()
     with pytest.raises(ValueError, match="sft_anchors_per_row"):
         ObjectiveConfig(sft_anchors_per_row=0)
+    with pytest.raises(ValueError, match="objective.opd_blocks_per_row must be >= 1"):
+        ObjectiveConfig(opd_blocks_per_row=0)
 
 
 def test_mixed_loss_adds_the_weighted_sft_loss_of_the_same_rows():

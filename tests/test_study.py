@@ -174,6 +174,8 @@ def run_curve_then_study(tmp_path):
     assert all(r["curve"][0][1] == 0 < r["curve"][1][1] < r["curve"][2][1] for r in table["runs"])  # training s
     opd = [r for r in table["runs"] if r["arm"] == "opd-anchors-only"]
     assert all(r["verify_steps"] > 0 for r in opd)  # OPD's cost axis: the rollouts' target passes
+    config = (tmp_path / "study" / "plateau" / "opd-anchors-only-s0" / "config.yaml").read_text()
+    assert f"text_corpus: {curve / 'corpus'}" in config  # at T = 0 the rollouts take the corpus's greedy texts
     early = (tmp_path / "study" / "early" / "draft" / "model.safetensors").read_bytes()
     assert early != (curve / "sft" / "draft" / "model.safetensors").read_bytes()
     stamp = (tmp_path / "study" / "plateau" / "sft-s0" / "scores.json").stat().st_mtime
