@@ -50,6 +50,9 @@ class RolloutConfig:
     placement_timeout_s: float = 60.0
     mode: str = "auto"  # parallel | sequential | auto: parallel at T = 0, sequential at T > 0
     text_corpus: str | None = None  # parallel: greedy texts from this `draft-opd generate` corpus where it has them
+    # parallel: record the target's log-probs of proposals past a block's first mismatch, which only the rejected
+    # stream reads (objective.rejected_weight > 0); false skips that target pass and stores NaN there
+    off_text_logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ROLLOUT_MODES:
@@ -135,6 +138,7 @@ class RolloutWorker:
             temperature=rollout.temperature,
             topk_logprobs=rollout.topk_logprobs,
             keep_features=rollout.store_features,
+            off_text_logprobs=rollout.off_text_logprobs,
         )
         self.text = self._greedy_text() if rollout.parallel else None
 

@@ -197,6 +197,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     check_benchmarks(cfg)
     check_rollout_prompts(cfg.rollout)
     check_corpus(cfg.train)
+    check_rollout_records(cfg)
     return cfg
 
 
@@ -293,6 +294,17 @@ def check_corpus(train: TrainSection) -> None:
     if train.sft_steps < 1:
         raise ConfigError(
             "train.sft_corpus is set but train.sft_steps=0: give the offline SFT phase steps, or drop train.sft_corpus"
+        )
+
+
+def check_rollout_records(cfg: Config) -> None:
+    """Rollouts that skip the off-text pass lack the teacher of the rejected stream past a block's first mismatch:
+    an objective that weighs that stream is refused at load rather than trained on a part of it."""
+    if not cfg.rollout.off_text_logprobs and cfg.objective.rejected_weight > 0 and cfg.train.opd_steps > 0:
+        raise ConfigError(
+            f"objective.rejected_weight={cfg.objective.rejected_weight:g} reads the target's log-probs of the "
+            "proposals past each block's first mismatch, which rollout.off_text_logprobs=false does not record; "
+            "set rollout.off_text_logprobs=true, or objective.rejected_weight=0"
         )
 
 

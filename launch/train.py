@@ -53,6 +53,17 @@ RUN_DEFINING = (
 """Settings a checkpoint or the stored buffer depends on: a resumed run must keep them."""
 
 
+# glibc's allocator gives blocks above its mmap threshold (<= 32 MiB) back to the kernel on free, so each of a
+# learner step's [blocks, width, vocab] fp32 tensors (~88 MB on smol) is page-faulted in anew every step; keeping
+# freed memory in the process halves an OPD step here (docs/results/benchmarks.md#allocator). Set where unset.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
+
+def worker_env() -> dict[str, str]:
+    """The allocator settings for Ray's workers, the caller's own where it has set them."""
+    return {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
+
+
 def connect_ray(cfg: Config, run: RunDir, console: Console) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`; `auto` finds one started with
     `ray start`, e.g. by `make dashboard`), else start a private local one sized for the job, whose
@@ -61,7 +72,7 @@ def connect_ray(cfg: Config, run: RunDir, console: Console) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": worker_env()})
         return
     need = cfg.rollout.num_actors * cfg.rollout.num_cpus + cfg.learner.world_size * cfg.learner.num_cpus + 1
     console.print(f"workers' output (weight loading, library warnings) goes to {run.worker_log}")
@@ -71,7 +82,7 @@ def connect_ray(cfg: Config, run: RunDir, console: Console) -> None:
         include_dashboard=False,
         log_to_driver=True,
         logging_level=logging.ERROR,  # not the token-auth notice of every private cluster
-        runtime_env=worker_log.runtime_env(run.worker_log),
+        runtime_env=worker_log.runtime_env(run.worker_log, worker_env()),
     )
 
 

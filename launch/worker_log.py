@@ -26,6 +26,6 @@ def redirect_to_log() -> None:
     os.close(fd)
 
 
-def runtime_env(log_file: Path) -> dict:
-    """The job-wide runtime env that sends every worker's output to `log_file`."""
-    return {"worker_process_setup_hook": SETUP_HOOK, "env_vars": {LOG_ENV: str(log_file.resolve())}}
+def runtime_env(log_file: Path, env_vars: dict[str, str] | None = None) -> dict:
+    """The job-wide runtime env that sends every worker's output to `log_file`, with `env_vars` set too."""
+    return {"worker_process_setup_hook": SETUP_HOOK, "env_vars": {**(env_vars or {}), LOG_ENV: str(log_file.resolve())}}

@@ -195,7 +195,8 @@ def topk_opd_loss(terms, batch: SampleBatch, rejected_weight: float = 1.0) -> di
             "objective.opd_variant=topk needs the teacher's top-k in the buffer: "
             "set rollout.topk_logprobs (e.g. 20) and buffer.topk to the same k"
         )
-    ids, logp = torch.from_numpy(batch.topk_ids.astype(np.int64)), torch.tensor(batch.topk_logprobs)
+    ids = torch.from_numpy(batch.topk_ids.astype(np.int64))
+    logp = torch.tensor(batch.topk_logprobs).nan_to_num(0.0)  # NaN: not recorded, outside terms.rejected_mask
     resp = topk_forward_kl(logp, ids, terms.student_logp, terms.committed_mask)
     rej = topk_total_variation(logp, ids, terms.student_logp, terms.rejected_mask)
     return {"loss": resp + rejected_weight * rej, "resp_kl": resp, "rej_tv": rej}

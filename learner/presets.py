@@ -15,20 +15,22 @@ probability 1 - TV(p, q) (the exact top-k forward KL and TV). docs/results/study
 from __future__ import annotations
 
 TOPK = ["objective.opd_variant=topk", "rollout.topk_logprobs=20", "buffer.topk=20"]
+# no rejected stream: its teacher past a block's first mismatch, a third of a parallel rollout, is not computed
+RESPONSE_ONLY = ["objective.rejected_weight=0", "rollout.off_text_logprobs=false"]
 PRESETS: dict[str, list[str]] = {
     "paper": [],  # the paper's defaults: forward KL of the accept event + k3 on the rejected stream
-    "anchors-only": ["objective.rejected_weight=0"],
+    "anchors-only": RESPONSE_ONLY,
     "decay1": ["objective.opd_decay=1.0"],
     "topk": TOPK,
-    "topk-anchors-only": [*TOPK, "objective.rejected_weight=0"],  # the response stream's exact forward KL alone
+    "topk-anchors-only": [*TOPK, *RESPONSE_ONLY],  # the response stream's exact forward KL alone
     "mixed": ["objective.sft_mix=1.0"],
     # random anchors in the rollouts' text instead of the rollout's own; the response stream only
     "random-anchors": ["objective.opd_anchors=random"],
     # beyond the paper: the response stream's forward KL to the one-hot greedy target, which T = 0 accepts against
     "greedy": ["objective.response_kl=greedy"],
-    "greedy-anchors-only": ["objective.response_kl=greedy", "objective.rejected_weight=0"],
+    "greedy-anchors-only": ["objective.response_kl=greedy", *RESPONSE_ONLY],
     # the reference's EAGLE-3 path: the response stream's forward KL over the full vocabulary, no rejected stream
-    "full-vocab": ["objective.opd_variant=full", "objective.rejected_weight=0"],
+    "full-vocab": ["objective.opd_variant=full", *RESPONSE_ONLY],
 }
 AUTO: dict[tuple[str, bool], str] = {  # (draft.kind, serving temperature > 0) -> preset
     ("dflash", False): "greedy-anchors-only",  # measured: the study's best arm at T = 0 (docs/results/study.md)

@@ -111,14 +111,16 @@ def replay(model, batch: SampleBatch, features: TargetSource) -> ReplayTerms:
         valid = torch.from_numpy(batch.anchor >= 1)
     student = student_log_probs(torch.stack(logits))
     committed = torch.from_numpy(batch.committed_tokens.astype(np.int64))
+    teacher_draft = torch.tensor(batch.draft_logprobs)
+    recorded = teacher_draft.isfinite()  # NaN: a rollout without the off-text pass (rollout.off_text_logprobs)
     return ReplayTerms(
         student_logp=student,
         committed_tokens=committed,
         committed_mask=torch.tensor(batch.committed_mask).float() * valid[:, None] * reachable(student, committed),
         teacher_committed_logp=torch.tensor(batch.committed_logprobs),
         draft_tokens=draft_tokens,
-        rejected_mask=torch.tensor(batch.rejected_mask).float() * valid[:, None],
-        teacher_draft_logp=torch.tensor(batch.draft_logprobs),
+        rejected_mask=torch.tensor(batch.rejected_mask).float() * valid[:, None] * recorded,
+        teacher_draft_logp=teacher_draft.nan_to_num(0.0),
     )
 
 

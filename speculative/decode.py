@@ -31,6 +31,9 @@ class DecodeConfig:
     seed: int = 0
     stop_token_ids: list[int] | None = None  # None: the target's EOS tokens
     keep_features: bool = False  # return the target features of every position (for the replay buffer)
+    # parallel rollouts: the target's log-probs of the proposals past a block's first mismatch (the rejected
+    # stream's teacher); False skips their target pass and records NaN there (decoding has them for free)
+    off_text_logprobs: bool = True
 
     def __post_init__(self) -> None:
         # max_new_tokens 0 would still commit the prefill's token, a negative T would silently mean greedy

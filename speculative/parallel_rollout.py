@@ -11,7 +11,8 @@ the features) come from:
    drafter (EAGLE-3) then continues each walked chain past its first mismatch with its own proposals;
 4. one target pass over the proposals that follow a block's first mismatch, each block attending to its
    text prefix through the text's KV cache and to its own earlier proposals (a 4D mask): the only target
-   numbers whose inputs are not the text.
+   numbers whose inputs are not the text, and which only the rejected stream reads: an objective without
+   one skips this pass (`DecodeConfig.off_text_logprobs`), and the records hold NaN there.
 
 Sequential prefill and verify passes become two large target passes, which a CPU or GPU runs far faster per
 token. The result differs from `generate`'s only by the float rounding of one prefill against incremental
@@ -110,10 +111,14 @@ def step_records(
     walk: TextWalk, drafts: list[list[int]], text_logp: torch.Tensor, off_text: dict, topk: int
 ) -> list[StepRecord]:
     """The StepRecords `generate` gives: a proposal's log-probs come from the text pass up to the block's first
-    mismatch (its prefix is text) and from the off-text pass after it."""
+    mismatch (its prefix is text) and from the off-text pass after it; NaN where `off_text` lacks them (not
+    recorded, `DecodeConfig.off_text_logprobs`)."""
+    unrecorded = torch.full_like(text_logp[0], float("nan"))
     records = []
     for step, (anchor, accepted, draft) in enumerate(zip(walk.anchors, walk.accept_lens, drafts)):
-        rows = [text_logp[anchor + j] if j <= accepted else off_text[step, j] for j in range(len(draft))]
+        rows = [
+            text_logp[anchor + j] if j <= accepted else off_text.get((step, j), unrecorded) for j in range(len(draft))
+        ]
         record = StepRecord(anchor=anchor, draft_tokens=draft, accept_len=accepted, draft_logprobs=[])
         if rows:
             logp = torch.stack(rows)
@@ -149,7 +154,7 @@ def rollout_on_text(
     if drafter.chained and walk.anchors:
         own_chain_proposals(drafter, out.features, ids, walk)
     drafts = step_drafts(walk)
-    off_text = off_text_logprobs(target, cache, end, walk, drafts)
+    off_text = off_text_logprobs(target, cache, end, walk, drafts) if cfg.off_text_logprobs else {}
     text_logp = torch.log_softmax(out.logits, dim=-1)
     response = torch.arange(prompt_len, end)
     return DecodeResult(

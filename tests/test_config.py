@@ -116,6 +116,20 @@ def test_the_full_vocab_preset_is_the_response_streams_full_kl_alone():
     assert (cfg.objective.opd_variant, cfg.objective.rejected_weight) == ("full", 0.0)
 
 
+@pytest.mark.parametrize("preset", ["paper", "topk", "anchors-only", "greedy-anchors-only", "full-vocab"])
+def test_response_only_presets_skip_the_off_text_pass_the_others_keep_it(preset):
+    cfg = load_config("configs/tiny.yaml", [f"objective.preset={preset}"])
+    assert cfg.rollout.off_text_logprobs == (cfg.objective.rejected_weight > 0)
+
+
+def test_a_rejected_stream_without_its_recorded_teacher_is_refused_at_load():
+    keys = ["objective.preset=greedy-anchors-only", "objective.rejected_weight=0.5"]
+    with pytest.raises(ConfigError, match="rejected_weight=0.5 .* rollout.off_text_logprobs=false .* set rollout"):
+        load_config("configs/tiny.yaml", keys)
+    assert load_config("configs/tiny.yaml", [*keys, "rollout.off_text_logprobs=true"]).objective.rejected_weight == 0.5
+    assert load_config("configs/tiny.yaml", [*keys, "train.opd_steps=0"]).train.opd_steps == 0  # no OPD phase
+
+
 def test_an_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="unknown objective.preset 'greedy-only'.*auto, paper, anchors-only"):
         load_config("configs/tiny.yaml", ["objective.preset=greedy-only"])

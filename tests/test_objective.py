@@ -14,7 +14,7 @@ from draft_opd.speculative.text_tau import leading_matches, text_labels
 from tests.conftest import TINY_FEATURE_LAYERS, TINY_MASK
 
 
-def rollouts(kind: str, n: int = 6, topk: int = 0):
+def rollouts(kind: str, n: int = 6, topk: int = 0, off_text: bool = True):
     draft = DraftSpec(
         kind=kind,
         block_size=5,
@@ -27,7 +27,7 @@ def rollouts(kind: str, n: int = 6, topk: int = 0):
     worker = RolloutWorker(
         TargetConfig(testbed="tiny"),
         draft,
-        RolloutConfig(num_prompts=n, max_new_tokens=32, topk_logprobs=topk),
+        RolloutConfig(num_prompts=n, max_new_tokens=32, topk_logprobs=topk, off_text_logprobs=off_text),
         0,
         buffer,
     )
@@ -119,6 +119,36 @@ def test_topk_variant_learns_and_needs_stored_topk():
     plain_worker, plain_buffer = rollouts("dflash", 2)
     with pytest.raises(ValueError, match="rollout.topk_logprobs"):
         phase_loss("opd", plain_worker.drafter, plain_buffer.sample(4), features, cfg, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ObjectiveConfig(rejected_weight=0),
+        ObjectiveConfig(rejected_weight=0, response_kl="greedy"),
+        ObjectiveConfig(rejected_weight=0, opd_variant="topk"),
+    ],
+)
+def test_a_response_only_objective_learns_the_same_without_the_off_text_pass(cfg):
+    """Rollouts that skip the off-text pass (NaN past each block's first mismatch) give such an objective the same
+    loss and gradients; their rejected stream keeps only the recorded first mismatch."""
+    results = []
+    for off_text in (True, False):
+        worker, buffer = rollouts("dflash", 4, topk=8, off_text=off_text)
+        batch = buffer.sample(16)
+        out = phase_loss("opd", worker.drafter, batch, TargetSource(worker.target), cfg, np.random.default_rng(0))
+        out["loss"].backward()
+        terms = replay(worker.drafter, batch, TargetSource(worker.target))
+        grads = [p.grad.clone() for p in worker.drafter.parameters()]
+        results.append((batch, out, terms, grads))
+    (full, full_out, full_terms, full_grads), (skipped, out, terms, grads) = results
+    assert np.isnan(skipped.draft_logprobs).any() and not np.isnan(full.draft_logprobs).any()
+    assert torch.isfinite(out["loss"]) and out["loss"].item() == pytest.approx(full_out["loss"].item(), rel=1e-6)
+    for g, f in zip(grads, full_grads):
+        torch.testing.assert_close(g, f)
+    first_mismatch = torch.arange(full.draft_tokens.shape[1])[None, :] == torch.from_numpy(full.accept_len)[:, None]
+    assert torch.equal(terms.rejected_mask, full_terms.rejected_mask * first_mismatch)
+    assert terms.rejected_mask.sum() > 0 and full_terms.rejected_mask.sum() > terms.rejected_mask.sum()
 
 
 def test_sft_draws_its_anchors_per_row_from_the_rows_sampled():

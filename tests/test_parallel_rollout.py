@@ -4,6 +4,9 @@ fp32 on the tiny target, with DFlash and EAGLE-3 drafters fitted in part to the 
 vary; blocks cut by max_new_tokens, stop tokens and prompts of different lengths.
 """
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -63,6 +66,36 @@ def test_parallel_rollouts_equal_sequential_ones(tiny_target, fitted, max_new_to
         rejected_after_mismatch += sum(len(s.draft_tokens) - s.accept_len - 1 for s in sequential.steps)
     assert max(accept_lens) >= 2 and min(accept_lens) == 0  # accepted in part: a real comparison
     assert rejected_after_mismatch > 0  # proposals past a first mismatch: the off-text pass is exercised
+
+
+def test_without_the_off_text_pass_only_the_proposals_past_a_first_mismatch_go_unrecorded(
+    tiny_target, fitted, monkeypatch
+):
+    drafter, texts = fitted
+    cfg = DecodeConfig(max_new_tokens=40, stop_token_ids=[], topk_logprobs=3, keep_features=True)
+    full = [rollout_on_text(tiny_target, drafter, t.tokens, t.prompt_len, cfg) for t in texts]
+    masks, forward_batch = [], tiny_target.forward_batch  # the off-text pass is the only one with a 4D mask
+    monkeypatch.setattr(tiny_target, "forward_batch", lambda *args: masks.append(args[3]) or forward_batch(*args))
+    skipped = [
+        rollout_on_text(tiny_target, drafter, t.tokens, t.prompt_len, replace(cfg, off_text_logprobs=False))
+        for t in texts
+    ]
+    assert len(masks) == len(texts) and all(mask is None for mask in masks)  # one text pass a rollout, no other
+    unrecorded = 0
+    for f, s in zip(full, skipped):
+        assert s.tokens == f.tokens and s.committed_logprobs == f.committed_logprobs
+        assert torch.equal(s.features, f.features)
+        for fs, ss in zip(f.steps, s.steps):
+            assert (ss.anchor, ss.draft_tokens, ss.accept_len) == (fs.anchor, fs.draft_tokens, fs.accept_len)
+            text = fs.accept_len + 1  # positions up to the first mismatch have a text prefix
+            assert ss.draft_logprobs[:text] == fs.draft_logprobs[:text]
+            topk = ss.topk_logprobs or []  # None in a step that drafts nothing
+            assert topk[:text] == (fs.topk_logprobs or [])[:text]
+            assert (ss.topk_ids or [])[:text] == (fs.topk_ids or [])[:text]
+            assert all(math.isnan(x) for x in ss.draft_logprobs[text:])
+            assert all(math.isnan(x) for row in topk[text:] for x in row)
+            unrecorded += len(ss.draft_logprobs[text:])
+    assert unrecorded > 0
 
 
 def test_a_stop_token_ends_the_parallel_rollout_where_decoding_ends(tiny_target, fitted):
